@@ -1,0 +1,1 @@
+"""ProductLens pipeline steps: one module per step, each with a small CLI."""

@@ -1,0 +1,1 @@
+"""Pieces every pipeline step shares: atomic I/O and typed params loading."""

@@ -1,0 +1,12 @@
+"""Suite-wide settings and fixture plugins (each concern keeps its fixtures in tests/fixtures/)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+pytest_plugins: list[str] = []

@@ -36,7 +36,7 @@ repro: pull ## Set up, pull the data and run the whole pipeline (dvc repro)
 	$(BIN)/dvc repro
 
 .PHONY: test
-test: setup ## Set up and run the whole test suite
+test: pull ## Set up, pull dataset v1 and run the whole test suite
 	$(BIN)/python -m pytest tests
 
 .PHONY: clean

@@ -44,9 +44,7 @@ def build(cls: type[T], values: dict[str, Any], where: str) -> T:
     missing = [
         name
         for name, f in fields.items()
-        if name not in values
-        and f.default is dataclasses.MISSING
-        and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
+        if name not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
     ]
     if missing:
         raise ParamsError(f"{where}: missing key(s) {missing}")

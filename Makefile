@@ -29,7 +29,7 @@ lint: setup ## Run ruff on the code
 
 .PHONY: pull
 pull: setup ## Fetch dataset v1 from the DVC remote (../shared/dvc-remote)
-	$(BIN)/dvc pull
+	$(BIN)/dvc pull data.dvc
 
 .PHONY: repro
 repro: pull ## Set up, pull the data and run the whole pipeline (dvc repro)

@@ -1,0 +1,320 @@
+"""The product knowledge base: SQLAlchemy schema, engine, full-text search and candidate queries.
+
+A SQLite file is the embedded default (FTS5 on product names); PostgreSQL is used when
+PRODUCTLENS_DB_URL points at one (a GIN index on to_tsvector('simple', name)). Everything here
+is read-only except `create_schema` and `create_name_search`, which build_kb calls.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Engine,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    case,
+    create_engine,
+    func,
+    select,
+    text,
+)
+from sqlalchemy.engine import Connection
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from recommender.ranking import Preferences, ProductRow, Sort
+
+DEFAULT_DB_PATH = Path("artifacts/kb/productlens.db")
+DB_URL_ENV = "PRODUCTLENS_DB_URL"
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Category(Base):
+    """One catalog category with the facts the upload page shows (count, price range, top brands)."""
+
+    __tablename__ = "categories"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    products: Mapped[int] = mapped_column(Integer)
+    priced: Mapped[int] = mapped_column(Integer)
+    min_price: Mapped[float | None] = mapped_column(Float)
+    median_price: Mapped[float | None] = mapped_column(Float)
+    max_price: Mapped[float | None] = mapped_column(Float)
+    top_brands: Mapped[list[str]] = mapped_column(JSON)
+    spec_names: Mapped[list[str]] = mapped_column(JSON)
+
+
+class Product(Base):
+    __tablename__ = "products"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    category: Mapped[str] = mapped_column(String(64), ForeignKey("categories.name"))
+    name: Mapped[str] = mapped_column(Text)
+    brand: Mapped[str] = mapped_column(String(128))
+    price: Mapped[float | None] = mapped_column(Float)  # None: no current offer
+    specs: Mapped[dict[str, Any]] = mapped_column(JSON)
+    quality: Mapped[float] = mapped_column(Float)  # geometric mean of value specs / category median (1 = typical)
+    value_score: Mapped[float | None] = mapped_column(Float)  # quality per dollar vs. the median; None without price
+    keywords: Mapped[str] = mapped_column(Text)  # searched with the name: category and key specs (GPU chipset, ...)
+    source: Mapped[str] = mapped_column(String(128))  # "<file>.csv:<line>"
+
+    __table_args__ = (
+        Index("ix_products_category_price", "category", "price"),
+        Index("ix_products_category_value", "category", "value_score"),
+        Index("ix_products_brand", "brand"),
+    )
+
+
+class ClassCategory(Base):
+    """Model class -> catalog category; category is NULL for classes without a catalog (cables, microphone)."""
+
+    __tablename__ = "class_categories"
+
+    class_name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    category: Mapped[str | None] = mapped_column(String(64))
+
+
+class KbInfo(Base):
+    """Build metadata: key -> JSON value (build time, row counts, skipped rows by reason)."""
+
+    __tablename__ = "kb_info"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[Any] = mapped_column(JSON)
+
+
+# --------------------------------------------------------------------------- engine
+
+
+def default_db_url() -> str:
+    return os.environ.get(DB_URL_ENV) or f"sqlite:///{DEFAULT_DB_PATH}"
+
+
+def sqlite_url(path: Path) -> str:
+    return f"sqlite:///{Path(path)}"
+
+
+def make_engine(url: str | None = None) -> Engine:
+    """An engine for `url` (default: PRODUCTLENS_DB_URL, else the SQLite file under artifacts/kb/)."""
+    url = url or default_db_url()
+    if url.startswith("sqlite"):
+        # Requests are served from a thread pool; the file is read-only at serving time.
+        return create_engine(url, connect_args={"check_same_thread": False})
+    return create_engine(url, pool_pre_ping=True)
+
+
+def create_schema(engine: Engine) -> None:
+    Base.metadata.drop_all(engine)
+    Base.metadata.create_all(engine)
+
+
+def create_name_search(conn: Connection) -> None:
+    """Build the full-text index on product names (after the products are inserted)."""
+    if conn.dialect.name == "sqlite":
+        conn.exec_driver_sql("DROP TABLE IF EXISTS products_fts")
+        conn.exec_driver_sql(
+            "CREATE VIRTUAL TABLE products_fts USING fts5("
+            "name, keywords, content='products', content_rowid='id', tokenize='unicode61 remove_diacritics 2')"
+        )
+        conn.exec_driver_sql("INSERT INTO products_fts(products_fts) VALUES ('rebuild')")
+    elif conn.dialect.name == "postgresql":
+        conn.exec_driver_sql("DROP INDEX IF EXISTS ix_products_name_fts")
+        conn.exec_driver_sql(f"CREATE INDEX ix_products_name_fts ON products USING gin ({PG_DOCUMENT})")
+        conn.exec_driver_sql("ANALYZE products")
+    else:
+        raise NotImplementedError(f"no full-text search for database '{conn.dialect.name}' (use SQLite or PostgreSQL)")
+
+
+# --------------------------------------------------------------------------- reads
+
+# The PostgreSQL document searched; the GIN index is on exactly this expression so queries use it.
+PG_DOCUMENT = "to_tsvector('simple', name || ' ' || keywords)"
+
+PRODUCT_COLUMNS = (
+    Product.id,
+    Product.category,
+    Product.name,
+    Product.brand,
+    Product.price,
+    Product.specs,
+    Product.quality,
+    Product.value_score,
+)
+
+
+def _row(mapping: Any) -> ProductRow:
+    return ProductRow(
+        id=mapping.id,
+        category=mapping.category,
+        name=mapping.name,
+        brand=mapping.brand,
+        price=mapping.price,
+        specs=mapping.specs or {},
+        quality=mapping.quality,
+        value_score=mapping.value_score,
+    )
+
+
+def get_product(conn: Connection, product_id: int) -> ProductRow | None:
+    found = conn.execute(select(*PRODUCT_COLUMNS).where(Product.id == product_id)).first()
+    return _row(found) if found else None
+
+
+@dataclass(frozen=True)
+class CategoryFacts:
+    name: str
+    products: int
+    priced: int
+    min_price: float | None
+    median_price: float | None
+    max_price: float | None
+    top_brands: list[str]
+    spec_names: list[str]
+
+
+def category_facts(conn: Connection, names: Iterable[str] | None = None) -> dict[str, CategoryFacts]:
+    query = select(Category.__table__)
+    if names is not None:
+        query = query.where(Category.__table__.c.name.in_(list(names)))
+    return {
+        row.name: CategoryFacts(
+            row.name,
+            row.products,
+            row.priced,
+            row.min_price,
+            row.median_price,
+            row.max_price,
+            list(row.top_brands or []),
+            list(row.spec_names or []),
+        )
+        for row in conn.execute(query)
+    }
+
+
+def class_categories(conn: Connection) -> dict[str, str | None]:
+    return {row.class_name: row.category for row in conn.execute(select(ClassCategory.__table__))}
+
+
+def kb_info(conn: Connection) -> dict[str, Any]:
+    return {row.key: row.value for row in conn.execute(select(KbInfo.__table__))}
+
+
+def _sort_order(sort: Sort) -> list[Any]:
+    if sort == "cheapest":
+        return [Product.price.asc().nulls_last()]
+    if sort == "premium":
+        return [Product.price.desc().nulls_last()]
+    return [Product.value_score.desc().nulls_last(), Product.price.asc().nulls_last()]
+
+
+def candidate_rows(conn: Connection, category: str, preferences: Preferences, pool: int) -> list[ProductRow]:
+    """Rows of `category` the ranking will choose from: budget and excluded brands applied in SQL,
+    preferred brands first, then the requested sort, at most `pool` rows.
+
+    Required specs are checked by the ranking, not in SQL (spec types differ per key), so with
+    requirements every row passing the SQL filters is returned, whatever `pool` says.
+    """
+    query = select(*PRODUCT_COLUMNS).where(Product.category == category)
+    if preferences.budget_min is not None or preferences.budget_max is not None:
+        query = query.where(Product.price.is_not(None))
+        if preferences.budget_min is not None:
+            query = query.where(Product.price >= preferences.budget_min)
+        if preferences.budget_max is not None:
+            query = query.where(Product.price <= preferences.budget_max)
+    if preferences.excluded_brands:
+        query = query.where(func.lower(Product.brand).not_in([b.lower() for b in preferences.excluded_brands]))
+    order: list[Any] = []
+    if preferences.preferred_brands:
+        preferred = func.lower(Product.brand).in_([b.lower() for b in preferences.preferred_brands])
+        order.append(case((preferred, 0), else_=1))
+    query = query.order_by(*order, *_sort_order(preferences.sort), Product.id)
+    if not preferences.requirements:
+        query = query.limit(pool)
+    return [_row(r) for r in conn.execute(query)]
+
+
+def list_products(
+    conn: Connection, category: str | None = None, max_price: float | None = None, limit: int = 20, offset: int = 0
+) -> list[ProductRow]:
+    """Products by category and price ceiling, cheapest first (rows without a price last)."""
+    query = select(*PRODUCT_COLUMNS)
+    if category:
+        query = query.where(Product.category == category)
+    if max_price is not None:
+        query = query.where(Product.price.is_not(None), Product.price <= max_price)
+    query = query.order_by(Product.price.asc().nulls_last(), Product.id).limit(limit).offset(offset)
+    return [_row(r) for r in conn.execute(query)]
+
+
+_TOKEN = re.compile(r"\w+", re.UNICODE)
+
+
+def search_terms(query: str) -> list[str]:
+    """Lower-cased word tokens of a search box string (punctuation is a separator, as in the index)."""
+    return [t.lower() for t in _TOKEN.findall(query)]
+
+
+def search_products(
+    conn: Connection,
+    query: str,
+    category: str | None = None,
+    max_price: float | None = None,
+    limit: int = 20,
+) -> list[ProductRow]:
+    """Full-text search on product names (and their keywords: category, chipset, socket, ...).
+
+    Every word must match as a prefix; best matches first, then cheapest.
+    """
+    terms = search_terms(query)
+    if not terms:
+        return list_products(conn, category, max_price, limit)
+    filters = []
+    params: dict[str, Any] = {"limit": limit}
+    if category:
+        filters.append("p.category = :category")
+        params["category"] = category
+    if max_price is not None:
+        filters.append("p.price IS NOT NULL AND p.price <= :max_price")
+        params["max_price"] = max_price
+    where = "".join(f" AND {f}" for f in filters)
+    columns = "p.id, p.category, p.name, p.brand, p.price, p.specs, p.quality, p.value_score"
+    if conn.dialect.name == "sqlite":
+        params["match"] = " ".join(f'"{t}"*' for t in terms)
+        sql = (
+            f"SELECT {columns} FROM products_fts f JOIN products p ON p.id = f.rowid "
+            f"WHERE products_fts MATCH :match{where} "
+            "ORDER BY bm25(products_fts, 1.0, 0.5), p.price IS NULL, p.price, p.id LIMIT :limit"
+        )
+    elif conn.dialect.name == "postgresql":
+        params["match"] = " & ".join(f"{t}:*" for t in terms)
+        sql = (
+            f"SELECT {columns} FROM products p "
+            f"WHERE {PG_DOCUMENT} @@ to_tsquery('simple', :match){where} "
+            f"ORDER BY ts_rank({PG_DOCUMENT}, to_tsquery('simple', :match)) DESC, "
+            "p.price ASC NULLS LAST, p.id LIMIT :limit"
+        )
+    else:
+        raise NotImplementedError(f"no full-text search for database '{conn.dialect.name}'")
+    stmt = text(sql).columns(*PRODUCT_COLUMNS)
+    return [_row(r) for r in conn.execute(stmt, params)]
+
+
+def count_products(conn: Connection) -> int:
+    return int(conn.execute(select(func.count()).select_from(Product)).scalar_one())
+
+
+def rows_of(products: Sequence[ProductRow]) -> list[dict[str, Any]]:
+    return [p.to_dict() for p in products]

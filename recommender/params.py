@@ -1,0 +1,29 @@
+"""The `recommender:` section of params.yaml, typed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from components.common.params import DEFAULT_PARAMS_PATH, load_section
+
+
+@dataclass(frozen=True)
+class RecommenderParams:
+    class_to_category: dict[str, str | None]
+    multi_word_brands: list[str] = field(default_factory=list)
+    value_specs: dict[str, list[str]] = field(default_factory=dict)
+    min_confidence: float = 0.6
+    uncertain_max_categories: int = 3
+    uncertain_min_probability: float = 0.1
+    top_k_classes: int = 3
+    max_products: int = 10
+    candidate_pool: int = 300
+
+    def category_for(self, class_name: str) -> str | None:
+        """The catalog category of an image class, None when the class has no catalog."""
+        return self.class_to_category.get(class_name)
+
+
+def load_recommender_params(path: Path = DEFAULT_PARAMS_PATH) -> RecommenderParams:
+    return load_section(RecommenderParams, "recommender", path)

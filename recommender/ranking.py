@@ -1,0 +1,441 @@
+"""Personalised ranking: pure functions from a class distribution, catalog rows and preferences
+to labelled, explained recommendations. No database, no network, no clock.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import statistics
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+Sort = Literal["best_value", "cheapest", "premium"]
+SORTS: tuple[str, ...] = ("best_value", "cheapest", "premium")
+
+# Value specs are compared with the category median; clipping keeps one absurd spec from dominating.
+QUALITY_CLIP = (0.25, 4.0)
+# A requirement key also matches these spec names (the catalog is not consistent across categories).
+SPEC_ALIASES = {"connection": ("connection", "connection_type"), "connection_type": ("connection_type", "connection")}
+
+
+@dataclass(frozen=True)
+class ProductRow:
+    id: int
+    category: str
+    name: str
+    brand: str
+    price: float | None
+    specs: Mapping[str, Any] = field(default_factory=dict)
+    quality: float = 1.0
+    value_score: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "specs": dict(self.specs)}
+
+
+@dataclass(frozen=True)
+class ClassProbability:
+    class_name: str
+    probability: float
+
+
+# --------------------------------------------------------------------------- preferences
+
+
+class PreferenceError(ValueError):
+    """A preference a person typed that cannot be understood; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class SpecRequirement:
+    """A required spec: `key=value` (bool, number or text contained), `key=lo..hi`, `key>=x`, `key<=x`."""
+
+    key: str
+    op: Literal["eq", "range"]
+    value: Any = None
+    low: float | None = None
+    high: float | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> SpecRequirement:
+        match = re.fullmatch(r"\s*([A-Za-z_][\w ]*?)\s*(>=|<=|=)\s*(.+?)\s*", text)
+        if not match:
+            raise PreferenceError(
+                f"cannot read requirement '{text}': write key=value, key=min..max, key>=x or key<=x "
+                "(e.g. wireless=true, screen_size=24..27)"
+            )
+        key, op, raw = match.group(1).strip().lower().replace(" ", "_"), match.group(2), match.group(3)
+        if op in (">=", "<="):
+            number = _number(raw)
+            if number is None:
+                raise PreferenceError(f"requirement '{text}': '{raw}' is not a number")
+            return cls(key, "range", low=number if op == ">=" else None, high=number if op == "<=" else None)
+        if ".." in raw:
+            low_text, high_text = (part.strip() for part in raw.split("..", 1))
+            low, high = _number(low_text), _number(high_text)
+            if (low_text and low is None) or (high_text and high is None) or (low is None and high is None):
+                raise PreferenceError(f"requirement '{text}': a range needs numbers, e.g. {key}=24..27")
+            return cls(key, "range", low=low, high=high)
+        lowered = raw.lower()
+        if lowered in ("true", "yes"):
+            return cls(key, "eq", True)
+        if lowered in ("false", "no"):
+            return cls(key, "eq", False)
+        number = _number(raw)
+        return cls(key, "eq", number if number is not None else raw)
+
+    def spec_value(self, specs: Mapping[str, Any]) -> tuple[str, Any] | None:
+        for name in SPEC_ALIASES.get(self.key, (self.key,)):
+            if name in specs and specs[name] is not None:
+                return name, specs[name]
+        return None
+
+    def matches(self, specs: Mapping[str, Any]) -> bool:
+        found = self.spec_value(specs)
+        if found is None:
+            return False
+        value = found[1]
+        if self.op == "range":
+            number = value if isinstance(value, int | float) and not isinstance(value, bool) else _number(str(value))
+            if number is None:
+                return False
+            return (self.low is None or number >= self.low) and (self.high is None or number <= self.high)
+        if isinstance(self.value, bool):
+            return isinstance(value, bool) and value == self.value
+        if isinstance(self.value, int | float):
+            number = value if isinstance(value, int | float) and not isinstance(value, bool) else _number(str(value))
+            return number is not None and math.isclose(number, self.value, rel_tol=1e-9, abs_tol=1e-9)
+        return str(self.value).lower() in str(value).lower()
+
+    def describe(self, specs: Mapping[str, Any]) -> str:
+        """How a matching product meets this requirement, in words ("wireless", "screen size 27")."""
+        found = self.spec_value(specs)
+        name, value = found if found else (self.key, None)
+        words = name.replace("_", " ")
+        if isinstance(value, bool):
+            return words if value else f"not {words}"
+        return f"{words} {_format_value(value)}"
+
+
+@dataclass(frozen=True)
+class Preferences:
+    budget_min: float | None = None
+    budget_max: float | None = None
+    preferred_brands: tuple[str, ...] = ()
+    excluded_brands: tuple[str, ...] = ()
+    requirements: tuple[SpecRequirement, ...] = ()
+    sort: Sort = "best_value"
+
+    def __post_init__(self) -> None:
+        for name in ("budget_min", "budget_max"):
+            value = getattr(self, name)
+            if value is not None and (not math.isfinite(value) or value < 0):
+                raise PreferenceError(f"{name} must be a number >= 0, got {value}")
+        if self.budget_min is not None and self.budget_max is not None and self.budget_min > self.budget_max:
+            raise PreferenceError(f"budget_min ({self.budget_min}) is above budget_max ({self.budget_max})")
+        if self.sort not in SORTS:
+            raise PreferenceError(f"sort must be one of {', '.join(SORTS)}, got '{self.sort}'")
+
+    @classmethod
+    def from_inputs(
+        cls,
+        budget_min: float | None = None,
+        budget_max: float | None = None,
+        brands: Iterable[str] = (),
+        exclude_brands: Iterable[str] = (),
+        require: Iterable[str] = (),
+        sort: str = "best_value",
+    ) -> Preferences:
+        """Preferences from loosely typed inputs (form fields, CLI flags): comma-separated lists allowed."""
+        return cls(
+            budget_min=budget_min,
+            budget_max=budget_max,
+            preferred_brands=tuple(_split_list(brands)),
+            excluded_brands=tuple(_split_list(exclude_brands)),
+            requirements=tuple(SpecRequirement.parse(r) for r in _split_list(require, separators=r"[,;\n]")),
+            sort=sort,  # type: ignore[arg-type]
+        )
+
+    @property
+    def has_budget(self) -> bool:
+        return self.budget_min is not None or self.budget_max is not None
+
+    def within_budget(self, price: float | None) -> bool:
+        """Whether a price is within the budget; a product without a price never is."""
+        if price is None:
+            return False
+        return (self.budget_min is None or price >= self.budget_min) and (
+            self.budget_max is None or price <= self.budget_max
+        )
+
+    def prefers(self, brand: str) -> bool:
+        return brand.lower() in {b.lower() for b in self.preferred_brands}
+
+    def excludes(self, brand: str) -> bool:
+        return brand.lower() in {b.lower() for b in self.excluded_brands}
+
+    def budget_text(self) -> str:
+        if self.budget_min is not None and self.budget_max is not None:
+            return f"{_money(self.budget_min)}–{_money(self.budget_max)} USD"
+        if self.budget_max is not None:
+            return f"{_money(self.budget_max)} USD"
+        return f"at least {_money(self.budget_min)} USD"
+
+
+def _split_list(values: Iterable[str] | str, separators: str = r"[,;\n]") -> list[str]:
+    if isinstance(values, str):
+        values = [values]
+    items: list[str] = []
+    for value in values:
+        # A requirement range like screen_size=24..27 has no comma, so splitting on commas is safe
+        # except inside a text value; those are written one per field/flag instead.
+        items += [part.strip() for part in re.split(separators, value or "") if part.strip()]
+    return items
+
+
+# --------------------------------------------------------------------------- filtering and ranking
+
+
+def eligible(row: ProductRow, preferences: Preferences) -> bool:
+    """Whether a product passes every hard preference: budget, excluded brands, required specs."""
+    if preferences.has_budget and not preferences.within_budget(row.price):
+        return False
+    if preferences.excludes(row.brand):
+        return False
+    return all(requirement.matches(row.specs) for requirement in preferences.requirements)
+
+
+def sort_key(row: ProductRow, preferences: Preferences) -> tuple[Any, ...]:
+    preferred = 0 if preferences.prefers(row.brand) else 1
+    no_price = row.price is None
+    price = row.price if row.price is not None else 0.0
+    if preferences.sort == "cheapest":
+        return (preferred, no_price, price, row.id)
+    if preferences.sort == "premium":
+        return (preferred, no_price, -price, -row.quality, row.id)
+    value = row.value_score if row.value_score is not None else -math.inf
+    return (preferred, no_price, -value, price, row.id)
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    product: ProductRow
+    explanation: str
+    label: str | None = None  # which candidate category this came from, when the prediction is uncertain
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.product.to_dict(), "explanation": self.explanation, "label": self.label}
+
+
+def explain(row: ProductRow, preferences: Preferences, rank_note: str | None = None) -> str:
+    """One line saying why this product is recommended."""
+    if row.price is None:
+        parts = ["no current price"]
+    elif preferences.has_budget and preferences.within_budget(row.price):
+        parts = [f"{_money(row.price)} USD, within your {preferences.budget_text()} budget"]
+    else:
+        parts = [f"{_money(row.price)} USD"]
+    if preferences.prefers(row.brand):
+        parts.append(f"{row.brand}, a brand you prefer")
+    parts += [requirement.describe(row.specs) for requirement in preferences.requirements]
+    if rank_note:
+        parts.append(rank_note)
+    return "; ".join(parts)
+
+
+def rank_note(row: ProductRow, preferences: Preferences, position: int) -> str | None:
+    if row.price is None:
+        return None
+    if preferences.sort == "cheapest":
+        return "the cheapest match" if position == 0 else None
+    if preferences.sort == "premium":
+        return "the most premium match" if position == 0 else None
+    if row.value_score is not None:
+        return f"{row.value_score:.1f}x the typical {row.category} value for money"
+    return None
+
+
+def rank_products(rows: Iterable[ProductRow], preferences: Preferences, limit: int) -> list[Recommendation]:
+    """Products passing the preferences, preferred brands first, then by the requested sort."""
+    ranked = sorted((row for row in rows if eligible(row, preferences)), key=lambda r: sort_key(r, preferences))
+    return [
+        Recommendation(row, explain(row, preferences, rank_note(row, preferences, i)))
+        for i, row in enumerate(ranked[:limit])
+    ]
+
+
+# --------------------------------------------------------------------------- predictions -> categories
+
+
+@dataclass(frozen=True)
+class CategoryChoice:
+    """A predicted class and where to look for products of it."""
+
+    class_name: str
+    probability: float
+    category: str | None  # None: no catalog for this class
+    label: str
+
+
+@dataclass(frozen=True)
+class RecommendationResult:
+    top_class: ClassProbability
+    uncertain: bool
+    choices: list[CategoryChoice]
+    products: list[Recommendation]
+    messages: list[str]
+
+    @property
+    def category(self) -> str | None:
+        """The category recommended from: the top class's, or None (uncertain or no catalog)."""
+        return None if self.uncertain else self.choices[0].category
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1].lower() in "aeiou" else "a"
+
+
+def choose_categories(
+    top_k: Sequence[ClassProbability],
+    class_to_category: Mapping[str, str | None],
+    min_confidence: float,
+    max_categories: int = 3,
+    min_probability: float = 0.1,
+) -> tuple[bool, list[CategoryChoice]]:
+    """Which categories to recommend from: the top class's, or, when the top-1 probability is under
+    `min_confidence`, the top 2 classes plus up to `max_categories` in all with at least `min_probability`.
+    """
+    if not top_k:
+        raise ValueError("a prediction needs at least one class")
+    ordered = sorted(top_k, key=lambda c: c.probability, reverse=True)
+    uncertain = ordered[0].probability < min_confidence
+    if uncertain:
+        picked = ordered[:2] + [c for c in ordered[2 : max(2, max_categories)] if c.probability >= min_probability]
+    else:
+        picked = ordered[:1]
+    choices = []
+    for candidate in picked:
+        label = (
+            f"possibly {_article(candidate.class_name)} {candidate.class_name} ({candidate.probability:.0%})"
+            if uncertain
+            else f"{candidate.class_name} ({candidate.probability:.0%})"
+        )
+        choices.append(
+            CategoryChoice(
+                candidate.class_name, candidate.probability, class_to_category.get(candidate.class_name), label
+            )
+        )
+    return uncertain, choices
+
+
+def no_catalog_message(choice: CategoryChoice) -> str:
+    name = choice.class_name
+    return (
+        f"This looks like {_article(name)} {name} ({choice.probability:.0%}), but the knowledge base has no "
+        f"{name} catalog, so there is nothing to recommend for it."
+    )
+
+
+def recommend(
+    top_k: Sequence[ClassProbability],
+    rows_by_category: Mapping[str, Sequence[ProductRow]],
+    preferences: Preferences,
+    class_to_category: Mapping[str, str | None],
+    min_confidence: float,
+    max_products: int = 10,
+    max_categories: int = 3,
+    min_probability: float = 0.1,
+) -> RecommendationResult:
+    """Join a class distribution with catalog rows: ranked, explained and (when uncertain) labelled products."""
+    uncertain, choices = choose_categories(top_k, class_to_category, min_confidence, max_categories, min_probability)
+    ordered = sorted(top_k, key=lambda c: c.probability, reverse=True)
+    messages: list[str] = []
+    if uncertain:
+        messages.append(
+            f"Not sure what this is: the best guess, {ordered[0].class_name}, has only "
+            f"{ordered[0].probability:.0%} confidence. Showing candidates from the top {len(choices)} categories."
+        )
+    with_catalog = [c for c in choices if c.category is not None]
+    messages += [no_catalog_message(c) for c in choices if c.category is None]
+    per_choice = max(1, math.ceil(max_products / max(1, len(with_catalog))))
+    lists = [
+        [
+            Recommendation(r.product, r.explanation, c.label if uncertain else None)
+            for r in rank_products(rows_by_category.get(c.category or "", ()), preferences, per_choice)
+        ]
+        for c in with_catalog
+    ]
+    products = _interleave(lists)[:max_products]
+    if with_catalog and not products:
+        wanted = ", ".join(c.category or "" for c in with_catalog)
+        messages.append(f"No {wanted} product matches your preferences; try a wider budget or fewer requirements.")
+    return RecommendationResult(ordered[0], uncertain, choices, products, messages)
+
+
+def _interleave(lists: Sequence[Sequence[Recommendation]]) -> list[Recommendation]:
+    merged: list[Recommendation] = []
+    for i in range(max((len(x) for x in lists), default=0)):
+        merged += [x[i] for x in lists if i < len(x)]
+    return merged
+
+
+# --------------------------------------------------------------------------- value for money
+
+
+def quality_scores(specs: Sequence[Mapping[str, Any]], value_specs: Sequence[str]) -> list[float]:
+    """Per product: geometric mean over `value_specs` of spec / category median, clipped (1.0 = typical).
+
+    A spec a product lacks counts as typical, so missing data neither helps nor hurts.
+    """
+    medians: dict[str, float] = {}
+    for name in value_specs:
+        values = [float(s[name]) for s in specs if _positive_number(s.get(name))]
+        if values:
+            medians[name] = statistics.median(values)
+    scores = []
+    for spec in specs:
+        logs = [
+            math.log(min(max(float(spec[name]) / median, QUALITY_CLIP[0]), QUALITY_CLIP[1]))
+            for name, median in medians.items()
+            if _positive_number(spec.get(name))
+        ]
+        scores.append(math.exp(sum(logs) / len(medians)) if medians and logs else 1.0)
+    return scores
+
+
+def value_scores(prices: Sequence[float | None], qualities: Sequence[float]) -> list[float | None]:
+    """Quality per dollar relative to the category median price (1.0 = a typical product at a typical price)."""
+    priced = [p for p in prices if p is not None and p > 0]
+    if not priced:
+        return [None] * len(prices)
+    median = statistics.median(priced)
+    return [None if p is None or p <= 0 else q * median / p for p, q in zip(prices, qualities, strict=True)]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _positive_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def _number(text: str) -> float | None:
+    try:
+        value = float(text.strip())
+    except (ValueError, AttributeError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _money(value: float | None) -> str:
+    if value is None:
+        return "?"
+    return f"{value:.0f}" if float(value).is_integer() else f"{value:.2f}"
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)

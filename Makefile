@@ -6,6 +6,14 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PYTHONHASHSEED := 0
 export TF_CPP_MIN_LOG_LEVEL := 2
+# dvc.yaml stages run `python -m components.<stage>`: that python must be the venv's.
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+export DVC_NO_ANALYTICS := 1
+IMAGE_REPOSITORY ?= productlens-components
+IMAGE_TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+BASE_IMAGE ?=
+KFP_HOST ?=
+RUN_ARGS ?=
 
 .DEFAULT_GOAL := help
 
@@ -42,3 +50,22 @@ test: pull ## Set up, pull dataset v1 and run the whole test suite
 .PHONY: clean
 clean: ## Remove pipeline outputs (not the venv, not the data)
 	rm -rf artifacts reports models dvclive
+
+.PHONY: compile
+compile: setup ## Compile the KFP pipeline to pipelines/training_pipeline.yaml (commit the result)
+	$(BIN)/python -m pipelines.training_pipeline --image-repository $(IMAGE_REPOSITORY) --image-tag $(IMAGE_TAG)
+
+.PHONY: image
+image: ## Build the component image every step runs in (needs Docker): IMAGE_REPOSITORY:IMAGE_TAG
+	DOCKER_BUILDKIT=1 docker build -f components/Dockerfile -t $(IMAGE_REPOSITORY):$(IMAGE_TAG) \
+		$(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) .
+
+.PHONY: submit
+submit: setup ## Run the compiled pipeline on Kubeflow: make submit KFP_HOST=https://... [RUN_ARGS='data_revision=v1']
+	@test -n "$(KFP_HOST)" || { echo "usage: make submit KFP_HOST=https://<kfp endpoint> [RUN_ARGS='name=value ...']"; exit 2; }
+	$(BIN)/python -m pipelines.submit --host $(KFP_HOST) $(RUN_ARGS)
+
+.PHONY: retrain-check
+retrain-check: pull ## Reproduce the pipeline with the committed params; fail if metrics move beyond the tolerance
+	$(BIN)/dvc repro
+	$(BIN)/python -m pipelines.retrain_check

@@ -1,0 +1,197 @@
+"""What each KFP step does, in plain Python: run the step's CLI on KFP artefact paths.
+
+Every step calls the same `components.<step>.main(argv)` that `dvc.yaml` runs as
+`python -m components.<step>`, so there is one implementation; this module only maps KFP
+artefacts to the CLI's explicit paths and copies the numbers the CLI wrote into the step's
+KFP `Metrics` / `ClassificationMetrics` / `HTML` artefacts. The KFP components in
+`pipelines/training_pipeline.py` are one-line wrappers around these functions (imported inside
+the component body, because a lightweight component's source runs alone in its container).
+"""
+
+from __future__ import annotations
+
+import copy
+import html
+import logging
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from components.common.io import atomic_write_text, read_json
+
+log = logging.getLogger("pipelines.steps")
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_PARAMS = PROJECT_ROOT / "params.yaml"
+DATA_PARTS = ("images", "catalog")
+
+
+class StepFailed(RuntimeError):
+    """A component CLI exited non-zero; the KFP task fails with this message."""
+
+
+# --------------------------------------------------------------------------- params
+
+
+def apply_overrides(params: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Return a copy of `params` with dotted keys replaced (`{"train.epochs": 1}`, like `dvc exp run -S`).
+
+    A key that does not exist in `params` is an error, so a typo fails the run instead of being ignored.
+    """
+    merged = copy.deepcopy(params)
+    for dotted, value in overrides.items():
+        *parents, leaf = dotted.split(".")
+        node: Any = merged
+        for depth, part in enumerate(parents):
+            if not isinstance(node, dict) or part not in node:
+                raise KeyError(f"params override {dotted!r}: no section {'.'.join(parents[: depth + 1])!r}")
+            node = node[part]
+        if not isinstance(node, dict) or leaf not in node:
+            raise KeyError(f"params override {dotted!r}: no such key in params.yaml")
+        node[leaf] = value
+    return merged
+
+
+def write_params(base: Path, overrides: Mapping[str, Any], output: Path) -> dict[str, Any]:
+    """Write `base` params with `overrides` applied to `output`; returns the merged params."""
+    params = apply_overrides(yaml.safe_load(base.read_text(encoding="utf-8")) or {}, overrides)
+    atomic_write_text(output, yaml.safe_dump(params, sort_keys=False))
+    return params
+
+
+# --------------------------------------------------------------------------- data
+
+
+def is_data_folder(location: str) -> bool:
+    return all((Path(location) / part).is_dir() for part in DATA_PARTS)
+
+
+def fetch_data(data_location: str, data_revision: str, params_overrides: Mapping[str, Any], data_dir: Path,
+               params_path: Path) -> None:  # fmt: skip
+    """Materialise the dataset (images/ + catalog/) in `data_dir` and the run's params.yaml in `params_path`.
+
+    `data_location` is either a folder holding images/ and catalog/ (a mounted volume; the params
+    are the image's committed params.yaml), or a DVC repository (Git URL or path) read at
+    `data_revision` with `dvc get`: that revision's `data/` and its `params.yaml`, so data and
+    params come from the same commit. `params_overrides` are applied on top in both cases.
+    """
+    data_dir = Path(data_dir)
+    if is_data_folder(data_location):
+        if data_revision:
+            raise ValueError(f"{data_location} is a data folder, not a DVC repository: data_revision must be empty")
+        for part in DATA_PARTS:
+            shutil.copytree(Path(data_location) / part, data_dir / part)
+        write_params(DEFAULT_PARAMS, params_overrides, params_path)
+        log.info("data: folder %s", data_location)
+        return
+    revision = ["--rev", data_revision] if data_revision else []
+    run_cli([sys.executable, "-m", "dvc", "get", data_location, "data", "-o", str(data_dir), *revision])
+    with tempfile.TemporaryDirectory(prefix="fetch-") as scratch:
+        base_params = Path(scratch) / "params.yaml"
+        run_cli([sys.executable, "-m", "dvc", "get", data_location, "params.yaml", "-o", str(base_params), *revision])
+        write_params(base_params, params_overrides, params_path)
+    log.info("data: DVC repository %s at %s", data_location, data_revision or "its default branch")
+
+
+def run_cli(command: list[str]) -> None:
+    """Run an external command (dvc), failing the step with its output when it fails."""
+    completed = subprocess.run(command, capture_output=True, text=True, check=False)
+    if completed.returncode != 0:
+        raise StepFailed(f"{' '.join(command)} failed ({completed.returncode}):\n{completed.stderr[-4000:]}")
+
+
+# --------------------------------------------------------------------------- KFP artefacts
+
+
+def run_step(main: Callable[[list[str]], int], argv: list[str]) -> None:
+    """Run a component CLI in-process; a non-zero exit fails the KFP task."""
+    log.info("running %s %s", main.__module__, " ".join(argv))
+    code = main(argv)
+    if code:
+        raise StepFailed(f"python -m {main.__module__} exited with {code}")
+
+
+def numeric_items(metrics: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, float]]:
+    """Flatten nested metrics to (dotted name, number) pairs; KFP `Metrics` holds scalars only."""
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, bool):
+            yield name, float(value)
+        elif isinstance(value, int | float):
+            yield name, float(value)
+        elif isinstance(value, Mapping):
+            yield from numeric_items(value, f"{name}.")
+
+
+def log_metrics_file(artifact: Any, metrics_path: Path) -> dict[str, Any]:
+    """Copy every number of a step's metrics JSON into its KFP `Metrics` artefact; returns the JSON."""
+    metrics = read_json(metrics_path)
+    for name, value in numeric_items(metrics):
+        artifact.log_metric(name, value)
+    return metrics
+
+
+def data_docs_page(data_docs: Path, metrics: Mapping[str, Any]) -> str:
+    """One self-contained HTML page for KFP's `HTML` artefact: the outcome of each expectation, then
+    every Great Expectations validation page of the Data Docs site inlined (KFP shows one file, not a site)."""
+    rows = "\n".join(
+        f"<tr><td>{html.escape(e['table'])}</td><td>{html.escape(e['fails_when'])}</td>"
+        f"<td>{'passed' if e['success'] else 'FAILED'}</td><td>{e['unexpected_count']}</td></tr>"
+        for e in metrics.get("expectations", [])
+    )
+    pages = []
+    for page in sorted((data_docs / "validations").rglob("*.html")):
+        suite = page.relative_to(data_docs / "validations").parts[0]
+        pages.append(
+            f"<details><summary>{html.escape(suite)}</summary>"
+            f'<iframe style="width:100%;height:600px;border:0" srcdoc="{html.escape(page.read_text("utf-8"))}">'
+            "</iframe></details>"
+        )
+    status = "passed" if metrics.get("success") else "FAILED"
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>ProductLens data validation</title></head><body>"
+        f"<h1>Data validation {status}</h1>"
+        f"<p>{metrics.get('n_images', 0)} images in {metrics.get('n_classes', 0)} classes.</p>"
+        "<table border='1' cellpadding='4'><tr><th>table</th><th>fails when</th><th>result</th><th>offending</th></tr>"
+        f"{rows}</table><h2>Great Expectations Data Docs</h2>{''.join(pages)}</body></html>"
+    )
+
+
+# --------------------------------------------------------------------------- steps
+
+
+def validate(data_dir: Path, params_path: Path, manifest_path: Path, metrics_artifact: Any, data_docs_path: Path,
+             report_dir: Path) -> None:  # fmt: skip
+    """components.validate on the fetched data; the GX Data Docs go to `report_dir` and, as one page, to HTML."""
+    from components import validate as step
+
+    metrics_path = Path(report_dir) / "metrics" / "validate.json"
+    argv = [
+        "--images", str(Path(data_dir) / "images"), "--catalog", str(Path(data_dir) / "catalog"),
+        "--params", str(params_path), "--manifest", str(manifest_path), "--metrics", str(metrics_path),
+        "--report-dir", str(Path(report_dir) / "validate"),
+    ]  # fmt: skip
+    try:
+        run_step(step.main, argv)
+    finally:  # the Data Docs explain a failed validation: publish them either way
+        if metrics_path.exists():
+            metrics = log_metrics_file(metrics_artifact, metrics_path)
+            page = data_docs_page(Path(report_dir) / "validate" / "data_docs", metrics)
+            atomic_write_text(Path(data_docs_path), page)
+
+
+def preprocess(manifest_path: Path, params_path: Path, splits_dir: Path, metrics_artifact: Any) -> None:
+    from components import preprocess as step
+
+    with tempfile.TemporaryDirectory(prefix="preprocess-") as scratch:
+        metrics_path = Path(scratch) / "preprocess.json"
+        argv = ["--manifest", str(manifest_path), "--params", str(params_path), "--output", str(splits_dir),
+                "--metrics", str(metrics_path)]  # fmt: skip
+        run_step(step.main, argv)
+        log_metrics_file(metrics_artifact, metrics_path)

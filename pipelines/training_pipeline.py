@@ -1,0 +1,168 @@
+"""The ProductLens training pipeline as a KFP v2 pipeline: the same steps as `dvc.yaml`, on a cluster.
+
+    python -m pipelines.training_pipeline                 # writes pipelines/training_pipeline.yaml (committed)
+    python -m pipelines.training_pipeline --image-repository registry.example.com/productlens-components
+
+Each step is a thin lightweight component that imports `pipelines.steps` inside its body and
+runs the same `components.<step>` CLI as `dvc.yaml`; data moves between steps as KFP artefacts.
+All steps run in the image built from `components/Dockerfile`. KFP fixes a component's
+`base_image` at compile time, so the compiled YAML names `<repository>:<version from
+pyproject.toml>` and the `component_image_tag` run parameter overrides the tag of every step
+at run time (`set_container_image`); change the repository with `--image-repository` (or
+`PRODUCTLENS_IMAGE_REPOSITORY`) and recompile.
+"""
+
+import argparse
+import os
+from pathlib import Path
+
+from kfp import compiler, dsl
+from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Output
+
+PIPELINE_NAME = "productlens-training"
+PIPELINE_YAML = Path(__file__).with_name("training_pipeline.yaml")
+DEFAULT_IMAGE_REPOSITORY = "productlens-components"
+DEFAULT_IMAGE_TAG = "0.1.0"  # == [project].version in pyproject.toml; tests/pipelines checks they agree
+# Where a run reads dataset v1 when no data_location is given: a volume with images/ and catalog/.
+DEFAULT_DATA_LOCATION = "/data/productlens"
+DEFAULT_MODEL_BASE = "/models"  # TF Serving's model base path (a volume shared with the model server)
+
+# Requests/limits per step (CPU, memory). Training is the only heavy step; it is sized for the
+# 2-core budget the defaults were tuned on.
+RESOURCES: dict[str, tuple[str, str, str, str]] = {
+    "fetch-data": ("500m", "1", "1Gi", "2Gi"),
+    "validate": ("1", "2", "2Gi", "4Gi"),
+    "preprocess": ("250m", "1", "512Mi", "1Gi"),
+    "train": ("2", "4", "6Gi", "12Gi"),
+    "evaluate": ("1", "2", "3Gi", "6Gi"),
+    "gate": ("250m", "1", "512Mi", "1Gi"),
+    "export": ("1", "2", "3Gi", "6Gi"),
+}
+DATA_STEP_RETRIES = 3  # fetching data crosses the network (Git, DVC remote): retry with backoff
+
+
+# --------------------------------------------------------------------------- components
+# Lightweight components: their source is copied into the YAML and runs alone in the image, so
+# every import of project code happens inside the body.
+
+
+def fetch_data(
+    data_location: str,
+    data_revision: str,
+    params_overrides: dict,
+    data: Output[Dataset],
+    params: Output[Artifact],
+):
+    """Materialise images/ + catalog/ and the run's params.yaml (committed params + overrides)."""
+    from pipelines import steps
+
+    steps.fetch_data(data_location, data_revision, params_overrides, data.path, params.path)
+
+
+def validate(
+    data: Input[Dataset],
+    params: Input[Artifact],
+    manifest: Output[Dataset],
+    validate_metrics: Output[Metrics],
+    data_docs: Output[HTML],
+    validation_report: Output[Artifact],
+):
+    """Great Expectations gate on the images and catalog (python -m components.validate)."""
+    from pipelines import steps
+
+    steps.validate(data.path, params.path, manifest.path, validate_metrics, data_docs.path, validation_report.path)
+
+
+def preprocess(
+    manifest: Input[Dataset],
+    params: Input[Artifact],
+    splits: Output[Dataset],
+    preprocess_metrics: Output[Metrics],
+):
+    """Content-hash train/val/test splits (python -m components.preprocess)."""
+    from pipelines import steps
+
+    steps.preprocess(manifest.path, params.path, splits.path, preprocess_metrics)
+
+
+COMPONENT_FUNCTIONS = (fetch_data, validate, preprocess)
+
+
+# --------------------------------------------------------------------------- pipeline
+
+
+def image_reference(repository: str, tag: str) -> str:
+    return f"{repository}:{tag}"
+
+
+def with_resources(task: dsl.PipelineTask, step: str) -> dsl.PipelineTask:
+    cpu_request, cpu_limit, memory_request, memory_limit = RESOURCES[step]
+    return (
+        task.set_cpu_request(cpu_request)
+        .set_cpu_limit(cpu_limit)
+        .set_memory_request(memory_request)
+        .set_memory_limit(memory_limit)
+    )
+
+
+def create_pipeline(image_repository: str = DEFAULT_IMAGE_REPOSITORY, image_tag: str = DEFAULT_IMAGE_TAG):
+    """Build the pipeline whose components default to `<image_repository>:<image_tag>`."""
+    image = image_reference(image_repository, image_tag)
+    ops = {f.__name__: dsl.component(f, base_image=image, install_kfp_package=False) for f in COMPONENT_FUNCTIONS}
+
+    @dsl.pipeline(
+        name=PIPELINE_NAME,
+        description="validate -> preprocess -> train -> evaluate -> gate -> export (only when the gate blesses)",
+    )
+    def training_pipeline(
+        data_location: str = DEFAULT_DATA_LOCATION,
+        data_revision: str = "",
+        params_overrides: dict = {},  # noqa: B006 (a KFP parameter default, never mutated)
+        component_image_tag: str = image_tag,
+        model_base: str = DEFAULT_MODEL_BASE,
+    ):
+        """data_location: folder with images/ + catalog/, or a DVC repository (Git URL/path) read at
+        data_revision. params_overrides: dotted params.yaml keys, e.g. {"train.epochs": 4}.
+        component_image_tag: tag of the component image every step runs in. model_base: export base path."""
+        run_image = image_reference(image_repository, component_image_tag)
+
+        def step(name: str, **inputs) -> dsl.PipelineTask:
+            task = ops[name.replace("-", "_")](**inputs).set_display_name(name)
+            task.set_container_image(run_image)
+            return with_resources(task, name)
+
+        fetched = step(
+            "fetch-data",
+            data_location=data_location,
+            data_revision=data_revision,
+            params_overrides=params_overrides,
+        ).set_retry(num_retries=DATA_STEP_RETRIES, backoff_duration="30s", backoff_factor=2.0)
+        params = fetched.outputs["params"]
+        validated = step("validate", data=fetched.outputs["data"], params=params)
+        step("preprocess", manifest=validated.outputs["manifest"], params=params)
+
+    return training_pipeline
+
+
+def compile_pipeline(output: Path, image_repository: str, image_tag: str) -> Path:
+    compiler.Compiler().compile(create_pipeline(image_repository, image_tag), str(output))
+    return output
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.training_pipeline", description=__doc__.splitlines()[0])
+    parser.add_argument("--output", type=Path, default=PIPELINE_YAML)
+    parser.add_argument(
+        "--image-repository",
+        default=os.environ.get("PRODUCTLENS_IMAGE_REPOSITORY", DEFAULT_IMAGE_REPOSITORY),
+        help="repository of the component image (components/Dockerfile)",
+    )
+    parser.add_argument("--image-tag", default=DEFAULT_IMAGE_TAG, help="default component_image_tag of the run")
+    args = parser.parse_args(argv)
+    path = compile_pipeline(args.output, args.image_repository, args.image_tag)
+    print(f"compiled {PIPELINE_NAME} -> {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

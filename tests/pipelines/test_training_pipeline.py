@@ -1,0 +1,75 @@
+"""The compiled KFP pipeline is current and has the shape a cluster run relies on."""
+
+from __future__ import annotations
+
+import tomllib
+
+import pytest
+import yaml
+
+from pipelines import training_pipeline
+from tests.conftest import REPO_ROOT
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory) -> str:
+    output = tmp_path_factory.mktemp("kfp") / "training_pipeline.yaml"
+    training_pipeline.main(["--output", str(output)])
+    return output.read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def spec(compiled) -> dict:
+    return yaml.safe_load(compiled)
+
+
+def test_committed_pipeline_yaml_is_current(compiled):
+    committed = training_pipeline.PIPELINE_YAML.read_text(encoding="utf-8")
+    assert committed == compiled, "pipelines/training_pipeline.yaml is stale: run `make compile` and commit it"
+
+
+def test_default_image_tag_is_the_project_version():
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    assert training_pipeline.DEFAULT_IMAGE_TAG == project["version"]
+
+
+def test_pipeline_parameters_cover_data_params_and_image(spec):
+    parameters = spec["root"]["inputDefinitions"]["parameters"]
+    assert {"data_location", "data_revision", "params_overrides", "component_image_tag"} <= set(parameters)
+
+
+def test_every_step_runs_in_the_component_image_with_resources(spec):
+    executors = spec["deploymentSpec"]["executors"]
+    assert executors
+    for name, executor in executors.items():
+        container = executor["container"]
+        assert container["image"].startswith(f"{training_pipeline.DEFAULT_IMAGE_REPOSITORY}:"), name
+        assert "component_image_tag" in container["image"], f"{name} ignores the component_image_tag parameter"
+        resources = container["resources"]
+        for key in ("cpuRequest", "cpuLimit", "memoryRequest", "memoryLimit"):
+            assert key in resources, f"{name} has no {key}"
+        assert "pip install" not in " ".join(container["command"]), f"{name} installs packages at run time"
+
+
+def all_tasks(spec: dict) -> dict[str, dict]:
+    tasks = dict(spec["root"]["dag"]["tasks"])
+    for component in spec["components"].values():
+        tasks.update(component.get("dag", {}).get("tasks", {}))
+    return tasks
+
+
+def test_data_step_retries(spec):
+    assert all_tasks(spec)["fetch-data"]["retryPolicy"]["maxRetryCount"] == training_pipeline.DATA_STEP_RETRIES
+
+
+def test_steps_pass_kfp_artefacts(compiled):
+    for schema in ("system.Dataset", "system.Metrics", "system.HTML"):
+        assert schema in compiled
+
+
+def test_compile_writes_the_requested_image_repository(tmp_path):
+    output = tmp_path / "pipeline.yaml"
+    training_pipeline.main(["--output", str(output), "--image-repository", "registry.example/productlens"])
+    executors = yaml.safe_load(output.read_text())["deploymentSpec"]["executors"]
+    images = {executor["container"]["image"] for executor in executors.values()}
+    assert all(image.startswith("registry.example/productlens:") for image in images)

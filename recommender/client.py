@@ -1,0 +1,227 @@
+"""TF Serving PredictionService gRPC client: image bytes in, top-k classes with probabilities out.
+
+Works against `python -m serving.server` and a real tensorflow_model_server alike: the request
+names the model, the signature and (optionally) a version or a version label; every call has a
+deadline; only UNAVAILABLE (server starting, restarting, unreachable) is retried, with backoff.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+from tensorflow_serving.apis import get_model_metadata_pb2, predict_pb2, prediction_service_pb2_grpc
+
+log = logging.getLogger("recommender.client")
+
+T = TypeVar("T")
+
+INPUT_NAME = "image_bytes"
+PROBABILITIES = "probabilities"
+CLASS_NAMES = "class_names"
+DT_STRING = 7  # tensorflow.DataType.DT_STRING; the proto enum, without importing TensorFlow's Python API
+DT_FLOAT = 1
+DT_DOUBLE = 2
+# Largest message we accept from the server: a batch of probabilities is tiny, but keep room.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+class ModelServerError(RuntimeError):
+    """The model server answered with an error a caller should report (bad image, unknown model, ...)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(f"model server: {code.name}: {message}")
+        self.code = code
+        self.details = message
+
+
+class ModelUnavailableError(ModelServerError):
+    """The model server cannot be reached or did not answer in time (after the retries)."""
+
+
+@dataclass(frozen=True)
+class ClassScore:
+    class_name: str
+    probability: float
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Top-k classes of one image, most probable first, and the model version that answered."""
+
+    top_k: list[ClassScore]
+    model_name: str
+    model_version: int | None
+
+    @property
+    def top(self) -> ClassScore:
+        return self.top_k[0]
+
+
+def string_tensor(values: Sequence[bytes]) -> Any:
+    """A 1-D DT_STRING TensorProto (what `tf.make_tensor_proto` builds, without TensorFlow)."""
+    from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2
+
+    return tensor_pb2.TensorProto(
+        dtype=DT_STRING,
+        tensor_shape=tensor_shape_pb2.TensorShapeProto(dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=len(values))]),
+        string_val=list(values),
+    )
+
+
+def tensor_to_array(proto: Any) -> np.ndarray:
+    """Decode a float or string TensorProto (packed `tensor_content` or the typed `*_val` fields)."""
+    shape = [d.size for d in proto.tensor_shape.dim]
+    if proto.dtype == DT_STRING:
+        array = np.array(list(proto.string_val), dtype=object)
+    elif proto.dtype in (DT_FLOAT, DT_DOUBLE):
+        dtype = np.float32 if proto.dtype == DT_FLOAT else np.float64
+        if proto.tensor_content:
+            array = np.frombuffer(proto.tensor_content, dtype=dtype)
+        else:
+            array = np.array(proto.float_val if proto.dtype == DT_FLOAT else proto.double_val, dtype=dtype)
+    else:
+        raise ValueError(f"unexpected tensor dtype {proto.dtype} (expected float or string)")
+    count = int(np.prod(shape)) if shape else 1
+    if array.size == 1 and count > 1:  # TF's compact form: one value repeated
+        array = np.repeat(array, count)
+    return array.reshape(shape)
+
+
+class PredictionClient:
+    """A PredictionService client bound to one model, signature and (optional) version or label."""
+
+    def __init__(
+        self,
+        target: str,
+        model_name: str = "productlens",
+        signature_name: str = "serving_default",
+        version: int | None = None,
+        version_label: str | None = None,
+        timeout_s: float = 5.0,
+        retries: int = 3,
+        backoff_s: float = 0.1,
+        max_backoff_s: float = 2.0,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
+        if version is not None and version_label:
+            raise ValueError("give a model version or a version label, not both")
+        self.target = target
+        self.model_name = model_name
+        self.signature_name = signature_name
+        self.version = version
+        self.version_label = version_label
+        self.timeout_s = timeout_s
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self._sleep = sleep
+        self._channel = grpc.insecure_channel(
+            target,
+            options=[
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ],
+        )
+        self._stub = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> PredictionClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _model_spec(self, spec: Any, signature: bool = True) -> None:
+        spec.name = self.model_name
+        if signature:
+            spec.signature_name = self.signature_name
+        if self.version is not None:
+            spec.version.value = self.version
+        elif self.version_label:
+            spec.version_label = self.version_label
+
+    def _call(self, what: str, method: Callable[..., T], request: Any, timeout_s: float | None = None) -> T:
+        """Call with a deadline; retry UNAVAILABLE with exponential backoff and jitter, nothing else."""
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        delay = self.backoff_s
+        for attempt in range(self.retries + 1):
+            try:
+                return method(request, timeout=timeout)
+            except grpc.RpcError as error:
+                code, details = error.code(), error.details() or ""
+                if code == grpc.StatusCode.UNAVAILABLE and attempt < self.retries:
+                    log.warning(
+                        "%s: model server unavailable (%s), retry %d in %.2fs", what, details, attempt + 1, delay
+                    )
+                    self._sleep(delay * random.uniform(0.5, 1.0))
+                    delay = min(delay * 2, self.max_backoff_s)
+                    continue
+                if code == grpc.StatusCode.UNAVAILABLE:
+                    raise ModelUnavailableError(
+                        code, f"cannot reach the model server at {self.target} ({details}); is it running?"
+                    ) from error
+                if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise ModelUnavailableError(
+                        code, f"the model server at {self.target} did not answer within {timeout:.1f}s"
+                    ) from error
+                raise ModelServerError(code, details) from error
+        raise AssertionError("unreachable")
+
+    def predict(self, images: Sequence[bytes], top_k: int = 3) -> list[Prediction]:
+        """Top-k classes for each encoded image (JPEG/PNG bytes), in the order given."""
+        request = predict_pb2.PredictRequest()
+        self._model_spec(request.model_spec)
+        request.inputs[INPUT_NAME].CopyFrom(string_tensor(images))
+        request.output_filter.extend([PROBABILITIES, CLASS_NAMES])
+        response = self._call("Predict", self._stub.Predict, request)
+        return self._predictions(response, len(images), top_k)
+
+    def predict_one(self, image: bytes, top_k: int = 3) -> Prediction:
+        return self.predict([image], top_k)[0]
+
+    def _predictions(self, response: Any, count: int, top_k: int) -> list[Prediction]:
+        for name in (PROBABILITIES, CLASS_NAMES):
+            if name not in response.outputs:
+                raise ModelServerError(
+                    grpc.StatusCode.INTERNAL,
+                    f"signature '{self.signature_name}' of model '{self.model_name}' has no output '{name}'",
+                )
+        probabilities = tensor_to_array(response.outputs[PROBABILITIES]).astype(np.float64).reshape(count, -1)
+        names = tensor_to_array(response.outputs[CLASS_NAMES])
+        names = (
+            names.reshape(count, -1) if names.size == probabilities.size else np.tile(names.reshape(1, -1), (count, 1))
+        )
+        version = response.model_spec.version.value if response.model_spec.HasField("version") else None
+        predictions = []
+        for row_probs, row_names in zip(probabilities, names, strict=True):
+            order = np.argsort(-row_probs, kind="stable")[:top_k]
+            predictions.append(
+                Prediction(
+                    [ClassScore(_text(row_names[i]), float(row_probs[i])) for i in order],
+                    response.model_spec.name or self.model_name,
+                    version,
+                )
+            )
+        return predictions
+
+    def model_metadata(self, timeout_s: float | None = None) -> dict[str, Any]:
+        """The model's served version and signature names (a cheap liveness check of model + server)."""
+        request = get_model_metadata_pb2.GetModelMetadataRequest()
+        self._model_spec(request.model_spec, signature=False)
+        request.metadata_field.append("signature_def")
+        response = self._call("GetModelMetadata", self._stub.GetModelMetadata, request, timeout_s)
+        version = response.model_spec.version.value if response.model_spec.HasField("version") else None
+        return {"model": response.model_spec.name or self.model_name, "version": version}
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)

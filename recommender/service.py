@@ -1,0 +1,193 @@
+"""Photo -> recommendations: checks the upload, asks the model server, reads the knowledge base and
+ranks. Shared by the HTTP API and the CLI; timings of each hop come back with the answer.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+from sqlalchemy import Engine
+
+from recommender import kb
+from recommender.client import Prediction, PredictionClient
+from recommender.params import RecommenderParams
+from recommender.ranking import ClassProbability, Preferences, RecommendationResult, recommend
+
+# What the exported model decodes (tf.io.decode_image); anything else is refused before the model call.
+ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "BMP")
+DEFAULT_MAX_PIXELS = 40_000_000  # a 40-megapixel photo; past this a decode is a memory bomb, not a photo
+
+
+class ImageRejected(ValueError):
+    """An upload that is not a usable photo; `status` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    format: str
+    width: int
+    height: int
+    bytes: int
+
+
+def check_image(data: bytes, max_bytes: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
+    """Refuse empty, oversized, non-image, unsupported, damaged and decompression-bomb uploads.
+
+    Reads only the header and verifies the stream, never decoding the pixels here.
+    """
+    if not data:
+        raise ImageRejected(422, "The upload is empty: choose a photo (JPEG or PNG).")
+    if len(data) > max_bytes:
+        raise ImageRejected(413, f"The photo is {len(data):,} bytes; the limit is {max_bytes:,} bytes.")
+    with warnings.catch_warnings():
+        # Pillow warns past MAX_IMAGE_PIXELS and raises past twice that; both are refusals here.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                info = ImageInfo(image.format or "?", image.width, image.height, len(data))
+                if info.format not in ALLOWED_FORMATS:
+                    raise ImageRejected(
+                        415, f"{info.format} images are not supported: upload one of {', '.join(ALLOWED_FORMATS)}."
+                    )
+                if info.width * info.height > max_pixels:
+                    raise ImageRejected(
+                        413,
+                        f"The image is {info.width}x{info.height} pixels, more than the {max_pixels:,} allowed "
+                        "(decompression-bomb protection): upload a smaller photo.",
+                    )
+                image.verify()
+        except ImageRejected:
+            raise
+        except UnidentifiedImageError as error:
+            raise ImageRejected(415, "This file is not an image: upload a JPEG or PNG photo.") from error
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+            raise ImageRejected(
+                413, f"The image has too many pixels (decompression-bomb protection): {error}"
+            ) from error
+        except (OSError, SyntaxError, ValueError) as error:
+            raise ImageRejected(422, f"The image is damaged and cannot be read: {error}") from error
+    return info
+
+
+@dataclass
+class Timings:
+    """Milliseconds per hop of one request (shown as a Server-Timing header)."""
+
+    hops: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def hop(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.hops[name] = self.hops.get(name, 0.0) + (time.perf_counter() - start) * 1000
+
+    def header(self) -> str:
+        return ", ".join(f"{name};dur={ms:.2f}" for name, ms in self.hops.items())
+
+
+def facts_dict(facts: kb.CategoryFacts) -> dict[str, Any]:
+    return {
+        "category": facts.name,
+        "products": facts.products,
+        "priced": facts.priced,
+        "min_price": facts.min_price,
+        "median_price": facts.median_price,
+        "max_price": facts.max_price,
+        "top_brands": facts.top_brands,
+        "specs": facts.spec_names,
+    }
+
+
+class Recommender:
+    """The recommendation use case over one knowledge base and one model server."""
+
+    def __init__(self, engine: Engine, client: PredictionClient, params: RecommenderParams):
+        self.engine = engine
+        self.client = client
+        self.params = params
+        self._class_to_category: dict[str, str | None] | None = None
+
+    def class_to_category(self) -> dict[str, str | None]:
+        """The KB's class -> category table (built from params), falling back to params for unknown classes."""
+        if self._class_to_category is None:
+            with self.engine.connect() as conn:
+                self._class_to_category = {**self.params.class_to_category, **kb.class_categories(conn)}
+        return self._class_to_category
+
+    def predict(self, image: bytes, timings: Timings) -> Prediction:
+        top_k = max(self.params.top_k_classes, self.params.uncertain_max_categories)
+        with timings.hop("model"):
+            return self.client.predict_one(image, top_k=top_k)
+
+    def recommend_prediction(
+        self, prediction: Prediction, preferences: Preferences, timings: Timings
+    ) -> tuple[RecommendationResult, dict[str, kb.CategoryFacts]]:
+        mapping = self.class_to_category()
+        top_k = [ClassProbability(c.class_name, c.probability) for c in prediction.top_k]
+        wanted = {c.class_name: mapping.get(c.class_name) for c in top_k}
+        with timings.hop("db"), self.engine.connect() as conn:
+            rows = {
+                category: kb.candidate_rows(conn, category, preferences, self.params.candidate_pool)
+                for category in {c for c in wanted.values() if c}
+            }
+            facts = kb.category_facts(conn, rows)
+        with timings.hop("rank"):
+            result = recommend(
+                top_k,
+                rows,
+                preferences,
+                mapping,
+                self.params.min_confidence,
+                self.params.max_products,
+                self.params.uncertain_max_categories,
+                self.params.uncertain_min_probability,
+            )
+        return result, facts
+
+    def recommend_image(self, image: bytes, preferences: Preferences, timings: Timings) -> dict[str, Any]:
+        prediction = self.predict(image, timings)
+        result, facts = self.recommend_prediction(prediction, preferences, timings)
+        return response_dict(prediction, result, facts, self.class_to_category(), self.params.top_k_classes)
+
+
+def response_dict(
+    prediction: Prediction,
+    result: RecommendationResult,
+    facts: dict[str, kb.CategoryFacts],
+    mapping: dict[str, str | None],
+    top_k_classes: int,
+) -> dict[str, Any]:
+    return {
+        "prediction": {
+            "class": prediction.top.class_name,
+            "confidence": prediction.top.probability,
+            "top_k": [
+                {"class": c.class_name, "probability": c.probability, "category": mapping.get(c.class_name)}
+                for c in prediction.top_k[:top_k_classes]
+            ],
+            "model": {"name": prediction.model_name, "version": prediction.model_version},
+        },
+        "category": result.category,
+        "uncertain": result.uncertain,
+        "candidates": [
+            {"class": c.class_name, "probability": c.probability, "category": c.category, "label": c.label}
+            for c in result.choices
+        ],
+        "messages": result.messages,
+        "category_facts": [facts_dict(facts[c.category]) for c in result.choices if c.category in facts],
+        "products": [r.to_dict() for r in result.products],
+    }

@@ -1,0 +1,128 @@
+"""build_kb: every catalog row becomes a product or is counted as skipped, with the reason."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from components import build_kb
+from recommender import kb
+from tests.conftest import REPO_ROOT
+from tests.fixtures.catalog import SMALL_CATALOG_SKIPPED, write_catalog, write_params
+
+REAL_CATALOG = REPO_ROOT / "data" / "catalog"
+
+# Dataset v1 (data.dvc md5 fab84bd3...): rows per catalog file, and the exact duplicates among them.
+V1_ROWS = {
+    "case": 6626, "cpu": 1413, "headphones": 2946, "internal-hard-drive": 6461, "keyboard": 4310,
+    "memory": 13553, "monitor": 5074, "motherboard": 4973, "mouse": 2806, "speakers": 302,
+    "video-card": 6636, "webcam": 78,
+}  # fmt: skip
+V1_DUPLICATES = {
+    "case": 179, "cpu": 233, "headphones": 37, "internal-hard-drive": 499, "keyboard": 489, "memory": 957,
+    "monitor": 107, "motherboard": 0, "mouse": 40, "speakers": 0, "video-card": 73, "webcam": 4,
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def real_kb(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    if not REAL_CATALOG.is_dir():
+        pytest.skip("data/catalog is missing: run `make pull` (make test does) to fetch dataset v1")
+    out = tmp_path_factory.mktemp("real_kb")
+    db, metrics = out / "productlens.db", out / "build_kb.json"
+    code = build_kb.main(
+        ["--catalog", str(REAL_CATALOG), "--params", str(REPO_ROOT / "params.yaml"),
+         "--output", str(db), "--metrics", str(metrics)]
+    )  # fmt: skip
+    assert code == 0
+    return db, json.loads(metrics.read_text())
+
+
+def test_real_catalog_loads_every_row_or_counts_it_skipped_with_reason(real_kb: tuple[Path, dict]) -> None:
+    db, metrics = real_kb
+    categories = metrics["categories"]
+    assert {name: c["rows"] for name, c in categories.items()} == V1_ROWS
+    for name, counts in categories.items():
+        assert counts["loaded"] + counts["skipped"] == counts["rows"], name
+        assert counts["skipped_by_reason"] == (
+            {build_kb.DUPLICATE_REASON: V1_DUPLICATES[name]} if V1_DUPLICATES[name] else {}
+        )
+    assert metrics["products"] == sum(V1_ROWS.values()) - sum(V1_DUPLICATES.values()) == 52560
+    with sqlite3.connect(db) as conn:
+        per_category = dict(conn.execute("SELECT category, count(*) FROM products GROUP BY category"))
+        unpriced_within = conn.execute(
+            "SELECT count(*) FROM products WHERE price IS NOT NULL AND price <= 0"
+        ).fetchone()
+    assert per_category == {name: c["loaded"] for name, c in categories.items()}
+    assert unpriced_within == (0,)
+
+
+def test_real_catalog_search_brands_and_class_mapping(real_kb: tuple[Path, dict]) -> None:
+    db, _ = real_kb
+    engine = kb.make_engine(kb.sqlite_url(db))
+    with engine.connect() as conn:
+        cards = kb.search_products(conn, "rtx 4070", limit=20)
+        drives = kb.search_products(conn, "western digital", category="internal-hard-drive", limit=5)
+        mapping = kb.class_categories(conn)
+        facts = kb.category_facts(conn)
+    engine.dispose()
+    assert cards and all(c.category == "video-card" for c in cards)
+    assert all("4070" in c.name or "4070" in str(c.specs.get("chipset")) for c in cards)
+    assert drives and {d.brand for d in drives} == {"Western Digital"}
+    assert mapping["gpu"] == "video-card" and mapping["ram"] == "memory" and mapping["headset"] == "headphones"
+    assert mapping["cables"] is None and mapping["microphone"] is None
+    assert facts["mouse"].products == V1_ROWS["mouse"] - V1_DUPLICATES["mouse"]
+    assert "Logitech" in facts["mouse"].top_brands
+    assert facts["mouse"].min_price is not None and facts["mouse"].min_price > 0
+
+
+def test_bad_rows_are_skipped_and_counted_by_reason(tmp_path: Path) -> None:
+    catalog = write_catalog(tmp_path / "catalog")
+    params = write_params(tmp_path / "params.yaml", REPO_ROOT / "params.yaml")
+    db, metrics_path = tmp_path / "kb" / "productlens.db", tmp_path / "metrics.json"
+    assert build_kb.main(["--catalog", str(catalog), "--params", str(params), "--output", str(db),
+                          "--metrics", str(metrics_path)]) == 0  # fmt: skip
+    metrics = json.loads(metrics_path.read_text())
+    mouse = metrics["categories"]["mouse"]
+    assert {name: c["skipped"] for name, c in metrics["categories"].items()} == SMALL_CATALOG_SKIPPED
+    assert mouse["skipped_by_reason"] == {
+        build_kb.DUPLICATE_REASON: 1,
+        "product name is empty": 1,
+        "price is not > 0": 1,
+        "price is neither empty nor a number": 1,
+    }
+    assert mouse["skipped_examples"]["price is not > 0"] == ["mouse.csv:10"]
+    engine = kb.make_engine(kb.sqlite_url(db))
+    with engine.connect() as conn:
+        mice = {p.name: p for p in kb.list_products(conn, "mouse", limit=50)}
+        monitors = {p.name: p for p in kb.list_products(conn, "monitor", limit=50)}
+    engine.dispose()
+    assert mice["Cooler Master MM711"].brand == "Cooler Master"
+    assert mice["Cooler Master MM711"].price is None
+    assert mice["Logitech G305 LIGHTSPEED"].specs["wireless"] is True
+    assert mice["Logitech G502 Hero"].specs["wireless"] is False
+    assert mice["Logitech MX Master 3S"].specs["wireless"] is True  # Bluetooth counts as wireless
+    assert monitors["Asus TUF Gaming VG27AQ"].specs["resolution"] == "2560x1440"
+    assert monitors["Asus TUF Gaming VG27AQ"].specs["pixels"] == 2560 * 1440
+
+
+def test_missing_required_column_fails_the_build(tmp_path: Path) -> None:
+    catalog = write_catalog(tmp_path / "catalog", {"mouse.csv": "name,max_dpi\nLogitech G305,12000\n"})
+    params = write_params(tmp_path / "params.yaml", REPO_ROOT / "params.yaml", {"mouse": "mouse"})
+    db = tmp_path / "kb.db"
+    with pytest.raises(ValueError, match="required column 'price' is missing"):
+        build_kb.main(["--catalog", str(catalog), "--params", str(params), "--output", str(db),
+                       "--metrics", str(tmp_path / "m.json")])  # fmt: skip
+    assert not db.exists()
+    assert not list(tmp_path.glob(".kb.db.*"))  # no half-built file left behind
+
+
+def test_mapping_to_a_category_without_catalog_fails_the_build(tmp_path: Path) -> None:
+    catalog = write_catalog(tmp_path / "catalog")
+    params = write_params(tmp_path / "params.yaml", REPO_ROOT / "params.yaml", {"mouse": "mouse", "cpu": "cpu"})
+    with pytest.raises(ValueError, match="no catalog file: \\['cpu'\\]"):
+        build_kb.main(["--catalog", str(catalog), "--params", str(params), "--output", str(tmp_path / "kb.db"),
+                       "--metrics", str(tmp_path / "m.json")])  # fmt: skip

@@ -1,0 +1,169 @@
+"""Ranking: what a shopper sees for a prediction and their preferences (pure functions, no I/O)."""
+
+from __future__ import annotations
+
+import pytest
+
+from recommender.ranking import (
+    ClassProbability,
+    PreferenceError,
+    Preferences,
+    ProductRow,
+    SpecRequirement,
+    quality_scores,
+    rank_products,
+    recommend,
+    value_scores,
+)
+
+MAPPING = {"mouse": "mouse", "keyboard": "keyboard", "monitor": "monitor", "microphone": None, "cables": None}
+
+
+def mouse(id: int, name: str, brand: str, price: float | None, wireless: bool, value: float | None = 1.0) -> ProductRow:
+    specs = {"wireless": wireless, "connection_type": "Wired, Wireless" if wireless else "Wired", "max_dpi": 16000}
+    return ProductRow(id, "mouse", name, brand, price, specs, 1.0, value if price is not None else None)
+
+
+MICE = [
+    mouse(1, "Logitech G305", "Logitech", 29.99, True, value=1.6),
+    mouse(2, "Logitech G502", "Logitech", 44.77, False, value=1.2),
+    mouse(3, "Razer Viper Ultimate", "Razer", 89.99, True, value=0.9),
+    mouse(4, "Logitech MX Master 3S", "Logitech", 99.99, True, value=0.8),
+    mouse(5, "Razer Basilisk V3 Pro", "Razer", 159.99, True, value=0.5),
+    mouse(6, "Cooler Master MM711", "Cooler Master", None, False),
+]
+MONITORS = [
+    ProductRow(10, "monitor", "KOORUI 24E3", "KOORUI", 109.99, {"screen_size": 24, "refresh_rate": 165}, 1.0, 1.0),
+    ProductRow(11, "monitor", "Asus VG27AQ", "Asus", 129.0, {"screen_size": 27, "refresh_rate": 165}, 1.1, 0.9),
+    ProductRow(12, "monitor", "LG 32GN600", "LG", 149.0, {"screen_size": 31.5, "refresh_rate": 165}, 1.2, 0.8),
+]
+KEYBOARDS = [ProductRow(20, "keyboard", "Keychron K2", "Keychron", 79.0, {"wireless": True}, 1.0, 1.0)]
+ROWS = {"mouse": MICE, "monitor": MONITORS, "keyboard": KEYBOARDS}
+
+
+def names(recommendations) -> list[str]:
+    return [r.product.name for r in recommendations]
+
+
+def test_budget_keeps_products_priced_within_it_and_never_unpriced_ones() -> None:
+    ranked = rank_products(MICE, Preferences(budget_min=30, budget_max=100), limit=10)
+    assert names(ranked) == ["Logitech G502", "Razer Viper Ultimate", "Logitech MX Master 3S"]
+    assert "Cooler Master MM711" not in names(rank_products(MICE, Preferences(budget_max=1e9), limit=10))
+
+
+def test_without_budget_unpriced_products_come_last_and_say_so() -> None:
+    ranked = rank_products(MICE, Preferences(sort="cheapest"), limit=10)
+    assert ranked[-1].product.name == "Cooler Master MM711"
+    assert ranked[-1].explanation == "no current price"
+    assert ranked[0].explanation == "29.99 USD; the cheapest match"
+
+
+def test_explanation_names_budget_preferred_brand_and_required_spec() -> None:
+    preferences = Preferences.from_inputs(budget_max=100, brands=["logitech"], require=["wireless=true"])
+    ranked = rank_products(MICE, preferences, limit=10)
+    assert names(ranked) == ["Logitech G305", "Logitech MX Master 3S", "Razer Viper Ultimate"]
+    assert ranked[2].explanation.startswith("89.99 USD, within your 100 USD budget; wireless")
+    assert ranked[1].explanation.startswith(
+        "99.99 USD, within your 100 USD budget; Logitech, a brand you prefer; wireless"
+    )
+
+
+def test_excluded_brands_are_left_out_whatever_their_case() -> None:
+    ranked = rank_products(MICE, Preferences.from_inputs(exclude_brands="RAZER, cooler master"), limit=10)
+    assert {r.product.brand for r in ranked} == {"Logitech"}
+
+
+@pytest.mark.parametrize(
+    ("requirement", "expected"),
+    [
+        ("wireless=false", ["Logitech G502"]),
+        ("screen_size=24..28", ["KOORUI 24E3", "Asus VG27AQ"]),
+        ("screen_size>=27", ["Asus VG27AQ", "LG 32GN600"]),
+        ("connection=wireless", ["Logitech G305", "Razer Viper Ultimate", "Logitech MX Master 3S"]),
+        ("max_dpi<=16000", ["Logitech G305", "Logitech G502", "Razer Viper Ultimate", "Logitech MX Master 3S"]),
+    ],
+)
+def test_required_specs_filter_by_bool_range_and_text(requirement: str, expected: list[str]) -> None:
+    rows = MONITORS if requirement.startswith("screen") else MICE
+    ranked = rank_products(rows, Preferences.from_inputs(budget_max=150, require=[requirement]), limit=10)
+    assert sorted(names(ranked)) == sorted(expected)
+
+
+def test_a_product_without_the_required_spec_does_not_match() -> None:
+    assert not SpecRequirement.parse("refresh_rate>=144").matches({"screen_size": 27})
+    assert rank_products(KEYBOARDS, Preferences.from_inputs(require=["max_dpi>=100"]), limit=5) == []
+
+
+def test_sorts_best_value_cheapest_and_premium() -> None:
+    budget = {"budget_max": 200.0}
+    assert names(rank_products(MICE, Preferences(**budget), 2)) == ["Logitech G305", "Logitech G502"]
+    assert names(rank_products(MICE, Preferences(**budget, sort="cheapest"), 2)) == ["Logitech G305", "Logitech G502"]
+    premium = rank_products(MICE, Preferences(**budget, sort="premium"), 2)
+    assert names(premium) == ["Razer Basilisk V3 Pro", "Logitech MX Master 3S"]
+    assert premium[0].explanation == "159.99 USD, within your 200 USD budget; the most premium match"
+
+
+def test_unreadable_preferences_are_refused_with_a_message() -> None:
+    with pytest.raises(PreferenceError, match="write key=value"):
+        Preferences.from_inputs(require=["wireless"])
+    with pytest.raises(PreferenceError, match="is not a number"):
+        Preferences.from_inputs(require=["screen_size>=big"])
+    with pytest.raises(PreferenceError, match="above budget_max"):
+        Preferences(budget_min=100, budget_max=50)
+    with pytest.raises(PreferenceError, match="sort must be one of"):
+        Preferences(sort="random")  # type: ignore[arg-type]
+
+
+def test_confident_prediction_recommends_from_its_category_only() -> None:
+    top_k = [ClassProbability("mouse", 0.91), ClassProbability("keyboard", 0.05)]
+    result = recommend(top_k, ROWS, Preferences(budget_max=100), MAPPING, min_confidence=0.6, max_products=3)
+    assert not result.uncertain and result.category == "mouse"
+    assert {r.product.category for r in result.products} == {"mouse"}
+    assert all(r.label is None for r in result.products)
+    assert result.messages == []
+
+
+def test_low_confidence_is_uncertain_with_labelled_candidates_from_the_top_categories() -> None:
+    top_k = [ClassProbability("mouse", 0.45), ClassProbability("keyboard", 0.35), ClassProbability("monitor", 0.15)]
+    result = recommend(top_k, ROWS, Preferences(), MAPPING, min_confidence=0.6, max_products=6)
+    assert result.uncertain and result.category is None
+    assert [c.class_name for c in result.choices] == ["mouse", "keyboard", "monitor"]
+    assert {r.product.category for r in result.products} == {"mouse", "keyboard", "monitor"}
+    labels = {r.product.category: r.label for r in result.products}
+    assert labels == {
+        "mouse": "possibly a mouse (45%)",
+        "keyboard": "possibly a keyboard (35%)",
+        "monitor": "possibly a monitor (15%)",
+    }
+    assert "only 45% confidence" in result.messages[0]
+
+
+def test_a_third_candidate_needs_the_minimum_probability() -> None:
+    top_k = [ClassProbability("mouse", 0.5), ClassProbability("keyboard", 0.45), ClassProbability("monitor", 0.05)]
+    result = recommend(top_k, ROWS, Preferences(), MAPPING, min_confidence=0.6, min_probability=0.1)
+    assert [c.class_name for c in result.choices] == ["mouse", "keyboard"]
+
+
+def test_class_without_catalog_gets_a_clear_message_not_an_error() -> None:
+    top_k = [ClassProbability("microphone", 0.93), ClassProbability("headset", 0.04)]
+    result = recommend(top_k, ROWS, Preferences(), MAPPING, min_confidence=0.6)
+    assert result.products == [] and result.category is None and not result.uncertain
+    assert result.messages == [
+        "This looks like a microphone (93%), but the knowledge base has no microphone catalog, "
+        "so there is nothing to recommend for it."
+    ]
+
+
+def test_nothing_matching_the_preferences_says_what_to_relax() -> None:
+    result = recommend([ClassProbability("mouse", 0.9)], ROWS, Preferences(budget_max=5), MAPPING, min_confidence=0.6)
+    assert result.products == []
+    assert result.messages == ["No mouse product matches your preferences; try a wider budget or fewer requirements."]
+
+
+def test_value_for_money_is_spec_quality_per_dollar_against_the_category_median() -> None:
+    specs = [{"memory": 8, "boost_clock": 2000}, {"memory": 16, "boost_clock": 2000}, {"memory": 12}, {}]
+    quality = quality_scores(specs, ["memory", "boost_clock"])
+    assert quality[0] < quality[2] < quality[1]
+    assert quality[3] == 1.0  # no value specs at all: typical
+    values = value_scores([100.0, 200.0, None, 150.0], [1.0, 1.0, 1.0, 1.0])
+    assert values == [1.5, 0.75, None, 1.0]

@@ -30,6 +30,8 @@ log = logging.getLogger("pipelines.steps")
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PARAMS = PROJECT_ROOT / "params.yaml"
 DATA_PARTS = ("images", "catalog")
+MODEL_FILE = "model.keras"
+EVALUATE_METRICS = "evaluate.json"
 
 
 class StepFailed(RuntimeError):
@@ -54,8 +56,16 @@ def apply_overrides(params: dict[str, Any], overrides: Mapping[str, Any]) -> dic
             node = node[part]
         if not isinstance(node, dict) or leaf not in node:
             raise KeyError(f"params override {dotted!r}: no such key in params.yaml")
-        node[leaf] = value
+        node[leaf] = like(node[leaf], value)
     return merged
+
+
+def like(current: Any, value: Any) -> Any:
+    """`value` in the type of the value it replaces where that is lossless: KFP passes every number of a
+    dict parameter as a float (protobuf Struct), so `{"train.epochs": 2}` arrives as 2.0."""
+    if isinstance(current, int) and not isinstance(current, bool) and isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
 
 
 def write_params(base: Path, overrides: Mapping[str, Any], output: Path) -> dict[str, Any]:
@@ -195,3 +205,65 @@ def preprocess(manifest_path: Path, params_path: Path, splits_dir: Path, metrics
                 "--metrics", str(metrics_path)]  # fmt: skip
         run_step(step.main, argv)
         log_metrics_file(metrics_artifact, metrics_path)
+
+
+def train(data_dir: Path, splits_dir: Path, params_path: Path, model_dir: Path, metrics_artifact: Any,
+          history_dir: Path) -> None:  # fmt: skip
+    """components.train; the KFP `Model` is a folder holding model.keras (Keras needs the suffix)."""
+    from components import train as step
+
+    metrics_path = Path(history_dir) / "train.json"
+    argv = [
+        "--splits", str(splits_dir), "--images", str(Path(data_dir) / "images"), "--params", str(params_path),
+        "--model", str(Path(model_dir) / MODEL_FILE), "--metrics", str(metrics_path),
+        "--live-dir", str(Path(history_dir) / "dvclive"),
+    ]  # fmt: skip
+    run_step(step.main, argv)
+    log_metrics_file(metrics_artifact, metrics_path)
+
+
+def evaluate(data_dir: Path, splits_dir: Path, model_dir: Path, params_path: Path, metrics_artifact: Any,
+             confusion_artifact: Any, evaluation_dir: Path) -> None:  # fmt: skip
+    """components.evaluate on the test split; the confusion matrix also goes to KFP's ClassificationMetrics."""
+    import pandas as pd
+
+    from components import evaluate as step
+
+    evaluation_dir = Path(evaluation_dir)
+    argv = [
+        "--model", str(Path(model_dir) / MODEL_FILE), "--splits", str(splits_dir),
+        "--images", str(Path(data_dir) / "images"), "--params", str(params_path),
+        "--metrics", str(evaluation_dir / EVALUATE_METRICS), "--confusion-csv", str(evaluation_dir / "confusion.csv"),
+        "--confusion-png", str(evaluation_dir / "confusion.png"),
+    ]  # fmt: skip
+    run_step(step.main, argv)
+    log_metrics_file(metrics_artifact, evaluation_dir / EVALUATE_METRICS)
+    class_names = read_json(Path(splits_dir) / "class_names.json")
+    rows = pd.read_csv(evaluation_dir / "confusion.csv", dtype="string")
+    counts = rows.groupby(["actual", "predicted"]).size()
+    matrix = [[int(counts.get((actual, predicted), 0)) for predicted in class_names] for actual in class_names]
+    confusion_artifact.log_confusion_matrix(class_names, matrix)
+
+
+def gate(evaluation_dir: Path, params_path: Path, model_base: str, decision_path: Path) -> bool:
+    """components.gate against the champion currently exported under `model_base`; returns the decision."""
+    from components import gate as step
+
+    argv = ["--candidate", str(Path(evaluation_dir) / EVALUATE_METRICS), "--params", str(params_path),
+            "--output", str(decision_path)]  # fmt: skip
+    champion = champion_record(Path(model_base), params_path)
+    if champion is not None:
+        argv += ["--champion", str(champion)]
+    run_step(step.main, argv)
+    return bool(read_json(decision_path)["blessed"])
+
+
+def champion_record(model_base: Path, params_path: Path) -> Path | None:
+    """The model card of the newest version exported under `model_base` (the blessed champion), if any."""
+    params = yaml.safe_load(Path(params_path).read_text(encoding="utf-8"))
+    model_dir = Path(model_base) / params.get("export", {}).get("model_name", "productlens")
+    versions = sorted((int(p.name), p) for p in model_dir.glob("*") if p.is_dir() and p.name.isdigit())
+    if not versions:
+        return None
+    cards = sorted(versions[-1][1].glob("*card*.json"))
+    return cards[0] if cards else None

@@ -15,9 +15,10 @@ at run time (`set_container_image`); change the repository with `--image-reposit
 import argparse
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 from kfp import compiler, dsl
-from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Output
+from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Metrics, Model, Output
 
 PIPELINE_NAME = "productlens-training"
 PIPELINE_YAML = Path(__file__).with_name("training_pipeline.yaml")
@@ -85,7 +86,54 @@ def preprocess(
     steps.preprocess(manifest.path, params.path, splits.path, preprocess_metrics)
 
 
-COMPONENT_FUNCTIONS = (fetch_data, validate, preprocess)
+def train(
+    data: Input[Dataset],
+    splits: Input[Dataset],
+    params: Input[Artifact],
+    model: Output[Model],
+    train_metrics: Output[Metrics],
+    training_history: Output[Artifact],
+):
+    """Fit the model train.architecture names (python -m components.train); per-epoch history via DVCLive."""
+    from pipelines import steps
+
+    steps.train(data.path, splits.path, params.path, model.path, train_metrics, training_history.path)
+    model.metadata["framework"] = "keras"
+    model.metadata["file"] = steps.MODEL_FILE
+
+
+def evaluate(
+    data: Input[Dataset],
+    splits: Input[Dataset],
+    model: Input[Model],
+    params: Input[Artifact],
+    evaluate_metrics: Output[Metrics],
+    confusion_matrix: Output[ClassificationMetrics],
+    evaluation: Output[Artifact],
+):
+    """Score the model on the test split (python -m components.evaluate)."""
+    from pipelines import steps
+
+    steps.evaluate(data.path, splits.path, model.path, params.path, evaluate_metrics, confusion_matrix, evaluation.path)
+
+
+def gate(
+    evaluation: Input[Artifact],
+    params: Input[Artifact],
+    model_base: str,
+    gate_decision: Output[Artifact],
+) -> NamedTuple("GateOutputs", [("blessed", bool)]):
+    """Bless or refuse the candidate against the floors and the exported champion (python -m components.gate)."""
+    from collections import namedtuple
+
+    from pipelines import steps
+
+    blessed = steps.gate(evaluation.path, params.path, model_base, gate_decision.path)
+    gate_decision.metadata["blessed"] = blessed
+    return namedtuple("GateOutputs", ["blessed"])(blessed)
+
+
+COMPONENT_FUNCTIONS = (fetch_data, validate, preprocess, train, evaluate, gate)
 
 
 # --------------------------------------------------------------------------- pipeline
@@ -139,7 +187,13 @@ def create_pipeline(image_repository: str = DEFAULT_IMAGE_REPOSITORY, image_tag:
         ).set_retry(num_retries=DATA_STEP_RETRIES, backoff_duration="30s", backoff_factor=2.0)
         params = fetched.outputs["params"]
         validated = step("validate", data=fetched.outputs["data"], params=params)
-        step("preprocess", manifest=validated.outputs["manifest"], params=params)
+        data = fetched.outputs["data"]
+        splits = step("preprocess", manifest=validated.outputs["manifest"], params=params).outputs["splits"]
+        trained = step("train", data=data, splits=splits, params=params)
+        evaluated = step("evaluate", data=data, splits=splits, model=trained.outputs["model"], params=params)
+        # The gate reads the champion exported under model_base: never reuse a cached decision.
+        decided = step("gate", evaluation=evaluated.outputs["evaluation"], params=params, model_base=model_base)
+        decided.set_caching_options(enable_caching=False)
 
     return training_pipeline
 

@@ -25,6 +25,7 @@ T = TypeVar("T")
 INPUT_NAME = "image_bytes"
 PROBABILITIES = "probabilities"
 CLASS_NAMES = "class_names"
+SCORES = "scores"
 DT_STRING = 7  # tensorflow.DataType.DT_STRING; the proto enum, without importing TensorFlow's Python API
 DT_FLOAT = 1
 DT_DOUBLE = 2
@@ -181,7 +182,6 @@ class PredictionClient:
         request = predict_pb2.PredictRequest()
         self._model_spec(request.model_spec)
         request.inputs[INPUT_NAME].CopyFrom(string_tensor(images))
-        request.output_filter.extend([PROBABILITIES, CLASS_NAMES])
         response = self._call("Predict", self._stub.Predict, request)
         return self._predictions(response, len(images), top_k)
 
@@ -189,24 +189,35 @@ class PredictionClient:
         return self.predict([image], top_k)[0]
 
     def _predictions(self, response: Any, count: int, top_k: int) -> list[Prediction]:
-        for name in (PROBABILITIES, CLASS_NAMES):
-            if name not in response.outputs:
-                raise ModelServerError(
-                    grpc.StatusCode.INTERNAL,
-                    f"signature '{self.signature_name}' of model '{self.model_name}' has no output '{name}'",
-                )
-        probabilities = tensor_to_array(response.outputs[PROBABILITIES]).astype(np.float64).reshape(count, -1)
-        names = tensor_to_array(response.outputs[CLASS_NAMES])
-        names = (
-            names.reshape(count, -1) if names.size == probabilities.size else np.tile(names.reshape(1, -1), (count, 1))
-        )
+        """Pair class names with their scores: `scores` when it has the names' shape (top-k order, as
+        TF Serving's classify convention), else `probabilities` (class-index order), then sort."""
+        outputs = response.outputs
+        if CLASS_NAMES not in outputs or not ({SCORES, PROBABILITIES} & set(outputs)):
+            raise ModelServerError(
+                grpc.StatusCode.INTERNAL,
+                f"signature '{self.signature_name}' of model '{self.model_name}' must output '{CLASS_NAMES}' and "
+                f"'{SCORES}' or '{PROBABILITIES}'; it outputs {sorted(outputs)}",
+            )
+        names = tensor_to_array(outputs[CLASS_NAMES])
+        values = None
+        for key in (SCORES, PROBABILITIES):
+            if key in outputs:
+                candidate = tensor_to_array(outputs[key]).astype(np.float64)
+                if candidate.size == names.size or (names.ndim == 1 and candidate.size == names.size * count):
+                    values = candidate.reshape(count, -1)
+                    break
+        if values is None:
+            raise ModelServerError(grpc.StatusCode.INTERNAL, "class names and scores of the model do not line up")
+        if names.size != values.size:  # one list of class names for the whole batch
+            names = np.tile(names.reshape(1, -1), (count, 1))
+        names = names.reshape(count, -1)
         version = response.model_spec.version.value if response.model_spec.HasField("version") else None
         predictions = []
-        for row_probs, row_names in zip(probabilities, names, strict=True):
-            order = np.argsort(-row_probs, kind="stable")[:top_k]
+        for row_values, row_names in zip(values, names, strict=True):
+            order = np.argsort(-row_values, kind="stable")[:top_k]
             predictions.append(
                 Prediction(
-                    [ClassScore(_text(row_names[i]), float(row_probs[i])) for i in order],
+                    [ClassScore(_text(row_names[i]), float(row_values[i])) for i in order],
                     response.model_spec.name or self.model_name,
                     version,
                 )

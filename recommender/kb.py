@@ -30,9 +30,10 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from recommender.ranking import Preferences, ProductRow, Sort
+from recommender.ranking import SPEC_ALIASES, Preferences, ProductRow, Sort, SpecRequirement
 
 DEFAULT_DB_PATH = Path("artifacts/kb/productlens.db")
 DB_URL_ENV = "PRODUCTLENS_DB_URL"
@@ -220,13 +221,61 @@ def _sort_order(sort: Sort) -> list[Any]:
     return [Product.value_score.desc().nulls_last(), Product.price.asc().nulls_last()]
 
 
-def candidate_rows(conn: Connection, category: str, preferences: Preferences, pool: int) -> list[ProductRow]:
-    """Rows of `category` the ranking will choose from: budget and excluded brands applied in SQL,
-    preferred brands first, then the requested sort, at most `pool` rows.
+def _requirement_clause(requirement: SpecRequirement, dialect: str, tag: str) -> Any:
+    """SQL for one required spec with the ranking's meaning (`SpecRequirement.matches`), type-guarded so a
+    text value never meets a numeric comparison. Aliased keys: the first one a product has is checked."""
+    binds: dict[str, Any] = {}
 
-    Required specs are checked by the ranking, not in SQL (spec types differ per key), so with
-    requirements every row passing the SQL filters is returned, whatever `pool` says.
-    """
+    def one(key: str, n: int) -> str:
+        if dialect == "sqlite":
+            path = f"'$.{key}'"  # key is a \w+ word (SpecRequirement.parse)
+            kind, value = f"json_type(specs, {path})", f"json_extract(specs, {path})"
+            number_kinds, text_kind = "('integer', 'real')", "'text'"
+            as_number, as_text = value, value
+        elif dialect == "postgresql":
+            binds[f"{tag}k{n}"] = key
+            kind = f"json_typeof(specs -> :{tag}k{n})"
+            value = f"(specs ->> :{tag}k{n})"
+            number_kinds, text_kind = "('number')", "'string'"
+            as_number, as_text = f"CAST({value} AS DOUBLE PRECISION)", value
+        else:
+            raise NotImplementedError(f"required specs are not supported on '{dialect}'")
+        if requirement.op == "range":
+            bounds = []
+            if requirement.low is not None:
+                binds[f"{tag}lo"] = requirement.low
+                bounds.append(f"{as_number} >= :{tag}lo")
+            if requirement.high is not None:
+                binds[f"{tag}hi"] = requirement.high
+                bounds.append(f"{as_number} <= :{tag}hi")
+            return f"(CASE WHEN {kind} IN {number_kinds} THEN ({' AND '.join(bounds)}) ELSE FALSE END)"
+        if isinstance(requirement.value, bool):
+            wanted = "'true'" if requirement.value else "'false'"
+            if dialect == "sqlite":
+                return f"({kind} = {wanted})"
+            return f"({kind} = 'boolean' AND {value} = {wanted})"
+        if isinstance(requirement.value, int | float):
+            binds[f"{tag}v"] = float(requirement.value)
+            return f"(CASE WHEN {kind} IN {number_kinds} THEN abs({as_number} - :{tag}v) < 1e-9 ELSE FALSE END)"
+        escaped = str(requirement.value).lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        binds[f"{tag}t"] = f"%{escaped}%"
+        return f"({kind} = {text_kind} AND lower({as_text}) LIKE :{tag}t ESCAPE '\\')"
+
+    keys = SPEC_ALIASES.get(requirement.key, (requirement.key,))
+    clause = one(keys[-1], len(keys) - 1)
+    for n in range(len(keys) - 2, -1, -1):  # the first key a product has decides, as in the ranking
+        if dialect == "sqlite":
+            present = f"json_type(specs, '$.{keys[n]}') IS NOT NULL AND json_type(specs, '$.{keys[n]}') != 'null'"
+        else:
+            binds[f"{tag}p{n}"] = keys[n]
+            present = f"COALESCE(json_typeof(specs -> :{tag}p{n}), 'null') != 'null'"
+        clause = f"(CASE WHEN {present} THEN {one(keys[n], n)} ELSE {clause} END)"
+    return text(clause).bindparams(**binds)
+
+
+def candidate_rows(conn: Connection, category: str, preferences: Preferences, pool: int) -> list[ProductRow]:
+    """Rows of `category` the ranking will choose from: budget, excluded brands and required specs applied
+    in SQL, preferred brands first, then the requested sort, at most `pool` rows."""
     query = select(*PRODUCT_COLUMNS).where(Product.category == category)
     if preferences.budget_min is not None or preferences.budget_max is not None:
         query = query.where(Product.price.is_not(None))
@@ -236,13 +285,13 @@ def candidate_rows(conn: Connection, category: str, preferences: Preferences, po
             query = query.where(Product.price <= preferences.budget_max)
     if preferences.excluded_brands:
         query = query.where(func.lower(Product.brand).not_in([b.lower() for b in preferences.excluded_brands]))
+    for n, requirement in enumerate(preferences.requirements):
+        query = query.where(_requirement_clause(requirement, conn.dialect.name, f"r{n}"))
     order: list[Any] = []
     if preferences.preferred_brands:
         preferred = func.lower(Product.brand).in_([b.lower() for b in preferences.preferred_brands])
         order.append(case((preferred, 0), else_=1))
-    query = query.order_by(*order, *_sort_order(preferences.sort), Product.id)
-    if not preferences.requirements:
-        query = query.limit(pool)
+    query = query.order_by(*order, *_sort_order(preferences.sort), Product.id).limit(pool)
     return [_row(r) for r in conn.execute(query)]
 
 
@@ -309,7 +358,15 @@ def search_products(
     else:
         raise NotImplementedError(f"no full-text search for database '{conn.dialect.name}'")
     stmt = text(sql).columns(*PRODUCT_COLUMNS)
-    return [_row(r) for r in conn.execute(stmt, params)]
+    try:
+        return [_row(r) for r in conn.execute(stmt, params)]
+    except OperationalError as error:
+        if "fts5" in str(error):
+            raise RuntimeError(
+                "this process's SQLite has no FTS5: TensorFlow was imported before sqlite3 and its bundled "
+                "SQLite took over; import recommender (or sqlite3) before tensorflow"
+            ) from error
+        raise
 
 
 def count_products(conn: Connection) -> int:

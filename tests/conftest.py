@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3  # noqa: F401  - before any TensorFlow import: TF's bundled SQLite has no FTS5 (recommender/__init__.py)
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -10,6 +10,7 @@ import pytest
 
 from components import build_kb
 from recommender import kb
+from recommender.ranking import Preferences, eligible, rank_products
 from tests.conftest import REPO_ROOT
 from tests.fixtures.catalog import SMALL_CATALOG_SKIPPED, write_catalog, write_params
 
@@ -126,3 +127,31 @@ def test_mapping_to_a_category_without_catalog_fails_the_build(tmp_path: Path) -
     with pytest.raises(ValueError, match="no catalog file: \\['cpu'\\]"):
         build_kb.main(["--catalog", str(catalog), "--params", str(params), "--output", str(tmp_path / "kb.db"),
                        "--metrics", str(tmp_path / "m.json")])  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("category", "preferences"),
+    [
+        ("mouse", Preferences.from_inputs(budget_max=100, brands=["Logitech"], require=["wireless=true"])),
+        ("mouse", Preferences.from_inputs(require=["wireless=false", "max_dpi>=16000"], sort="cheapest")),
+        ("keyboard", Preferences.from_inputs(require=["connection=bluetooth"], exclude_brands=["Logitech"])),
+        ("monitor", Preferences.from_inputs(budget_min=150, budget_max=400, require=["screen_size=27..32"])),
+        ("memory", Preferences.from_inputs(require=["total_gb=32", "ddr=5"], sort="premium")),
+        ("headphones", Preferences.from_inputs(require=["wireless=true", "microphone=true"])),
+    ],
+)
+def test_database_candidates_agree_with_the_ranking_rules(
+    real_kb: tuple[Path, dict], category: str, preferences: Preferences
+) -> None:
+    """The SQL pre-filter (budget, brands, required specs) keeps exactly the rows the ranking accepts."""
+    db, _ = real_kb
+    engine = kb.make_engine(kb.sqlite_url(db))
+    with engine.connect() as conn:
+        everything = kb.candidate_rows(conn, category, Preferences(), pool=100_000)
+        filtered = kb.candidate_rows(conn, category, preferences, pool=100_000)
+        top = kb.candidate_rows(conn, category, preferences, pool=10)
+    engine.dispose()
+    expected = [row for row in everything if eligible(row, preferences)]
+    assert expected, "the case should match some products"
+    assert sorted(r.id for r in filtered) == sorted(r.id for r in expected)
+    assert [r.id for r in top] == [r.product.id for r in rank_products(filtered, preferences, limit=10)]

@@ -32,6 +32,8 @@ DEFAULT_PARAMS = PROJECT_ROOT / "params.yaml"
 DATA_PARTS = ("images", "catalog")
 MODEL_FILE = "model.keras"
 EVALUATE_METRICS = "evaluate.json"
+MODEL_CARD = "model_card.json"  # components.export.MODEL_CARD (importing it would load TensorFlow)
+DATA_DVC_FILE = "data.dvc"  # the dataset's .dvc file, kept beside images/ when fetched from a DVC repository
 
 
 class StepFailed(RuntimeError):
@@ -106,6 +108,9 @@ def fetch_data(data_location: str, data_revision: str, params_overrides: Mapping
         base_params = Path(scratch) / "params.yaml"
         run_cli([sys.executable, "-m", "dvc", "get", data_location, "params.yaml", "-o", str(base_params), *revision])
         write_params(base_params, params_overrides, params_path)
+    # data.dvc pins the dataset's md5: export copies it into the model card.
+    run_cli([sys.executable, "-m", "dvc", "get", data_location, DATA_DVC_FILE, "-o", str(data_dir / DATA_DVC_FILE),
+             *revision])  # fmt: skip
     log.info("data: DVC repository %s at %s", data_location, data_revision or "its default branch")
 
 
@@ -261,9 +266,32 @@ def gate(evaluation_dir: Path, params_path: Path, model_base: str, decision_path
 def champion_record(model_base: Path, params_path: Path) -> Path | None:
     """The model card of the newest version exported under `model_base` (the blessed champion), if any."""
     params = yaml.safe_load(Path(params_path).read_text(encoding="utf-8"))
-    model_dir = Path(model_base) / params.get("export", {}).get("model_name", "productlens")
+    model_dir = Path(model_base) / params["export"]["model_name"]
     versions = sorted((int(p.name), p) for p in model_dir.glob("*") if p.is_dir() and p.name.isdigit())
     if not versions:
         return None
-    cards = sorted(versions[-1][1].glob("*card*.json"))
-    return cards[0] if cards else None
+    card = versions[-1][1] / MODEL_CARD
+    return card if card.is_file() else None
+
+
+def export(model_dir: Path, splits_dir: Path, data_dir: Path, decision_path: Path, evaluation_dir: Path,
+           params_path: Path, model_base: str, exported: Any) -> None:  # fmt: skip
+    """components.export into `model_base` (the volume TF Serving reads); the published version is also
+    copied into the KFP `Model` artefact, with its version and path as metadata."""
+    from components import export as step
+
+    with tempfile.TemporaryDirectory(prefix="export-") as scratch:
+        report = Path(scratch) / "export.json"
+        argv = [
+            "--model", str(Path(model_dir) / MODEL_FILE), "--class-names", str(Path(splits_dir) / "class_names.json"),
+            "--gate", str(decision_path), "--evaluation", str(Path(evaluation_dir) / EVALUATE_METRICS),
+            "--data-dvc", str(Path(data_dir) / DATA_DVC_FILE), "--samples", str(Path(splits_dir) / "test.csv"),
+            "--images", str(Path(data_dir) / "images"), "--params", str(params_path), "--output", str(model_base),
+            "--report", str(report),
+        ]  # fmt: skip
+        run_step(step.main, argv)
+        published = read_json(report)
+    shutil.copytree(published["path"], exported.path)
+    exported.metadata.update(
+        {"model_name": published["model_name"], "version": published["version"], "path": published["path"]}
+    )

@@ -15,7 +15,6 @@ at run time (`set_container_image`); change the repository with `--image-reposit
 import argparse
 import os
 from pathlib import Path
-from typing import NamedTuple
 
 from kfp import compiler, dsl
 from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Metrics, Model, Output
@@ -122,18 +121,42 @@ def gate(
     params: Input[Artifact],
     model_base: str,
     gate_decision: Output[Artifact],
-) -> NamedTuple("GateOutputs", [("blessed", bool)]):
-    """Bless or refuse the candidate against the floors and the exported champion (python -m components.gate)."""
-    from collections import namedtuple
-
+) -> bool:
+    """Bless or refuse the candidate against the floors and the exported champion (python -m components.gate).
+    Returns the decision (the task's `Output`), which the export step's dsl.If reads."""
     from pipelines import steps
 
     blessed = steps.gate(evaluation.path, params.path, model_base, gate_decision.path)
     gate_decision.metadata["blessed"] = blessed
-    return namedtuple("GateOutputs", ["blessed"])(blessed)
+    return blessed
 
 
-COMPONENT_FUNCTIONS = (fetch_data, validate, preprocess, train, evaluate, gate)
+def export(
+    model: Input[Model],
+    splits: Input[Dataset],
+    data: Input[Dataset],
+    gate_decision: Input[Artifact],
+    evaluation: Input[Artifact],
+    params: Input[Artifact],
+    model_base: str,
+    exported_model: Output[Model],
+):
+    """Publish the blessed model as the next TF Serving version under model_base (python -m components.export)."""
+    from pipelines import steps
+
+    steps.export(
+        model.path,
+        splits.path,
+        data.path,
+        gate_decision.path,
+        evaluation.path,
+        params.path,
+        model_base,
+        exported_model,
+    )
+
+
+COMPONENT_FUNCTIONS = (fetch_data, validate, preprocess, train, evaluate, gate, export)
 
 
 # --------------------------------------------------------------------------- pipeline
@@ -194,6 +217,19 @@ def create_pipeline(image_repository: str = DEFAULT_IMAGE_REPOSITORY, image_tag:
         # The gate reads the champion exported under model_base: never reuse a cached decision.
         decided = step("gate", evaluation=evaluated.outputs["evaluation"], params=params, model_base=model_base)
         decided.set_caching_options(enable_caching=False)
+        # The single return value (`Output`, not a named output): kfp.local resolves only that form in conditions.
+        with dsl.If(decided.outputs["Output"] == True, name="gate-blessed"):  # noqa: E712 (a KFP condition, not Python)
+            published = step(
+                "export",
+                model=trained.outputs["model"],
+                splits=splits,
+                data=data,
+                gate_decision=decided.outputs["gate_decision"],
+                evaluation=evaluated.outputs["evaluation"],
+                params=params,
+                model_base=model_base,
+            )
+            published.set_caching_options(enable_caching=False)  # writes a new version under model_base
 
     return training_pipeline
 

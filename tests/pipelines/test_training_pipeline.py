@@ -73,3 +73,17 @@ def test_compile_writes_the_requested_image_repository(tmp_path):
     executors = yaml.safe_load(output.read_text())["deploymentSpec"]["executors"]
     images = {executor["container"]["image"] for executor in executors.values()}
     assert all(image.startswith("registry.example/productlens:") for image in images)
+
+
+def test_export_runs_only_when_the_gate_blesses(spec):
+    root_tasks = spec["root"]["dag"]["tasks"]
+    assert "export" not in root_tasks
+    (branch,) = [task for task in root_tasks.values() if "triggerPolicy" in task]
+    assert branch["triggerPolicy"]["condition"] == "inputs.parameter_values['pipelinechannel--gate-Output'] == true"
+    assert list(spec["components"][branch["componentRef"]["name"]]["dag"]["tasks"]) == ["export"]
+
+
+def test_steps_that_read_or_write_the_model_base_are_never_cached(spec):
+    tasks = all_tasks(spec)
+    for name in ("gate", "export"):
+        assert tasks[name]["cachingOptions"].get("enableCache", False) is False, name

@@ -1,0 +1,210 @@
+"""TF Serving's configuration files: the model server config and the batching parameters, both text protos.
+
+`models.config` is a `tensorflow.serving.ModelServerConfig` (the file `tensorflow_model_server
+--model_config_file` reads); the batching file is a `tensorflow.serving.BatchingParameters`
+(`--batching_parameters_file`). The same files run the official image in production.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format, wrappers_pb2
+from tensorflow_serving.config import model_server_config_pb2
+
+
+class ConfigError(ValueError):
+    """A config file does not parse or asks for something the server cannot do."""
+
+
+def _batching_parameters_class() -> type:
+    """BatchingParameters from session_bundle_config.proto.
+
+    The tensorflow-serving-api wheel ships only apis/ and config/, not servables/, so when the
+    generated module is missing the message is declared here with TF Serving's field numbers, in
+    a private descriptor pool (no clash if the real module is imported later).
+    """
+    try:
+        from tensorflow_serving.servables.tensorflow.session_bundle_config_pb2 import (  # type: ignore[import-not-found]
+            BatchingParameters,
+        )
+
+        return BatchingParameters
+    except ImportError:
+        pass
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(descriptor_pb2.FileDescriptorProto.FromString(wrappers_pb2.DESCRIPTOR.serialized_pb))
+    proto = descriptor_pb2.FileDescriptorProto(
+        name="tensorflow_serving/servables/tensorflow/session_bundle_config.proto",
+        package="tensorflow.serving",
+        syntax="proto3",
+        dependency=["google/protobuf/wrappers.proto"],
+    )
+    message = proto.message_type.add(name="BatchingParameters")
+    F = descriptor_pb2.FieldDescriptorProto
+    for number, name, type_name in [
+        (1, "max_batch_size", ".google.protobuf.Int64Value"),
+        (2, "batch_timeout_micros", ".google.protobuf.Int64Value"),
+        (3, "max_enqueued_batches", ".google.protobuf.Int64Value"),
+        (4, "num_batch_threads", ".google.protobuf.Int64Value"),
+        (5, "thread_pool_name", ".google.protobuf.StringValue"),
+    ]:
+        message.field.add(name=name, number=number, type=F.TYPE_MESSAGE, type_name=type_name, label=F.LABEL_OPTIONAL)
+    message.field.add(name="allowed_batch_sizes", number=6, type=F.TYPE_INT64, label=F.LABEL_REPEATED)
+    message.field.add(name="pad_variable_length_inputs", number=7, type=F.TYPE_BOOL, label=F.LABEL_OPTIONAL)
+    pool.Add(proto)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("tensorflow.serving.BatchingParameters"))
+
+
+BatchingParameters = _batching_parameters_class()
+
+
+@dataclass(frozen=True)
+class BatchingOptions:
+    """Batching as TF Serving applies it; unset fields take BatchingSession's defaults."""
+
+    max_batch_size: int = 1000
+    batch_timeout_micros: int = 0
+    max_enqueued_batches: int = 10
+    num_batch_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+    allowed_batch_sizes: tuple[int, ...] = ()
+    pad_variable_length_inputs: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1 or self.num_batch_threads < 1 or self.max_enqueued_batches < 1:
+            raise ConfigError("batching: max_batch_size, num_batch_threads and max_enqueued_batches must be >= 1")
+        if self.batch_timeout_micros < 0:
+            raise ConfigError("batching: batch_timeout_micros must be >= 0")
+        sizes = list(self.allowed_batch_sizes)
+        if sizes:
+            if sizes != sorted(set(sizes)) or sizes[0] < 1:
+                raise ConfigError(f"batching: allowed_batch_sizes {sizes} must be positive and strictly increasing")
+            if sizes[-1] != self.max_batch_size:
+                raise ConfigError(
+                    f"batching: the last allowed_batch_sizes entry ({sizes[-1]}) must equal max_batch_size "
+                    f"({self.max_batch_size})"
+                )
+        if self.pad_variable_length_inputs:
+            raise ConfigError("batching: pad_variable_length_inputs is not supported by this server")
+
+
+def parse_batching_parameters(text: str, where: str = "batching parameters") -> BatchingOptions:
+    message = BatchingParameters()
+    try:
+        text_format.Parse(text, message)
+    except text_format.ParseError as error:
+        raise ConfigError(f"{where}: not a BatchingParameters text proto: {error}") from error
+    values: dict = {}
+    for name in ("max_batch_size", "batch_timeout_micros", "max_enqueued_batches", "num_batch_threads"):
+        if message.HasField(name):
+            values[name] = int(getattr(message, name).value)
+    values["allowed_batch_sizes"] = tuple(int(size) for size in message.allowed_batch_sizes)
+    values["pad_variable_length_inputs"] = bool(message.pad_variable_length_inputs)
+    try:
+        return BatchingOptions(**values)
+    except ConfigError as error:
+        raise ConfigError(f"{where}: {error}") from error
+
+
+def load_batching_parameters(path: Path) -> BatchingOptions:
+    return parse_batching_parameters(Path(path).read_text(encoding="utf-8"), str(path))
+
+
+@dataclass(frozen=True)
+class VersionPolicy:
+    """Which version directories under base_path to serve: the `num_versions` highest, all, or exactly `versions`."""
+
+    kind: str  # "latest" | "all" | "specific"
+    num_versions: int = 1
+    versions: frozenset[int] = frozenset()
+
+    def aspired(self, on_disk: set[int]) -> set[int]:
+        if self.kind == "all":
+            return set(on_disk)
+        if self.kind == "specific":
+            return set(on_disk) & set(self.versions)
+        return set(sorted(on_disk, reverse=True)[: self.num_versions])
+
+    def describe(self) -> str:
+        if self.kind == "latest":
+            return f"latest {self.num_versions}"
+        if self.kind == "specific":
+            return f"specific {sorted(self.versions)}"
+        return "all"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    base_path: Path
+    policy: VersionPolicy
+    labels: dict[str, int]
+
+
+def _policy_of(config: model_server_config_pb2.ModelConfig) -> VersionPolicy:
+    policy = config.model_version_policy
+    choice = policy.WhichOneof("policy_choice")
+    if choice == "all":
+        return VersionPolicy("all")
+    if choice == "specific":
+        if not policy.specific.versions:
+            raise ConfigError(f"model {config.name!r}: model_version_policy specific {{}} lists no versions")
+        return VersionPolicy("specific", versions=frozenset(int(v) for v in policy.specific.versions))
+    # Unset policy and `latest {}` both mean the single highest version, as in TF Serving.
+    num = int(policy.latest.num_versions) if choice == "latest" else 1
+    return VersionPolicy("latest", num_versions=max(num, 1))
+
+
+def model_configs(config: model_server_config_pb2.ModelServerConfig, root: Path | None = None) -> list[ModelConfig]:
+    """Validate a ModelServerConfig and return one ModelConfig per model; relative base paths resolve against root."""
+    if config.WhichOneof("config") == "custom_model_config":
+        raise ConfigError("custom_model_config is not supported; use model_config_list")
+    seen: set[str] = set()
+    models: list[ModelConfig] = []
+    for entry in config.model_config_list.config:
+        if not entry.name:
+            raise ConfigError("a model config has no name")
+        if entry.name in seen:
+            raise ConfigError(f"model {entry.name!r} is configured twice")
+        seen.add(entry.name)
+        if not entry.base_path:
+            raise ConfigError(f"model {entry.name!r} has no base_path")
+        if entry.model_platform not in ("", "tensorflow"):
+            raise ConfigError(f"model {entry.name!r}: model_platform {entry.model_platform!r} is not 'tensorflow'")
+        base = Path(entry.base_path)
+        if not base.is_absolute():
+            base = (root or Path.cwd()) / base
+        models.append(
+            ModelConfig(
+                name=entry.name,
+                base_path=base,
+                policy=_policy_of(entry),
+                labels={str(k): int(v) for k, v in entry.version_labels.items()},
+            )
+        )
+    return models
+
+
+def parse_model_server_config(text: str, where: str = "model config") -> model_server_config_pb2.ModelServerConfig:
+    config = model_server_config_pb2.ModelServerConfig()
+    try:
+        text_format.Parse(text, config)
+    except text_format.ParseError as error:
+        raise ConfigError(f"{where}: not a ModelServerConfig text proto: {error}") from error
+    return config
+
+
+def load_model_server_config(path: Path) -> model_server_config_pb2.ModelServerConfig:
+    return parse_model_server_config(Path(path).read_text(encoding="utf-8"), str(path))
+
+
+def single_model_config(name: str, base_path: str) -> model_server_config_pb2.ModelServerConfig:
+    """The config `--model_name/--model_base_path` stand for: one model, latest version."""
+    config = model_server_config_pb2.ModelServerConfig()
+    entry = config.model_config_list.config.add()
+    entry.name = name
+    entry.base_path = base_path
+    entry.model_platform = "tensorflow"
+    return config

@@ -33,6 +33,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from recommender import kb
 from recommender.client import ModelServerError, ModelUnavailableError, PredictionClient
@@ -83,6 +84,39 @@ def problem(status: int, message: str) -> JSONResponse:
     return JSONResponse({"detail": message}, status_code=status)
 
 
+class UploadLimit:
+    """Refuse request bodies over `max_bytes` with a JSON 413: by Content-Length before reading anything,
+    and while reading for bodies sent without one."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def message(self) -> str:
+        return f"The upload is too large: the limit is {self.max_bytes - MULTIPART_SLACK:,} bytes."
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            await problem(413, self.message())(scope, receive, send)
+            return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise StarletteHTTPException(413, self.message())
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings.from_env()
     params = load_recommender_params(settings.params_path)
@@ -110,8 +144,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="1.0",
         description="Upload a photo of an electronic product: what it is, its knowledge-base facts, and "
         "products recommended for your preferences.",
-        max_body_size=settings.max_upload_bytes + MULTIPART_SLACK,
     )
+    app.add_middleware(UploadLimit, max_bytes=settings.max_upload_bytes + MULTIPART_SLACK)
     app.state.settings = settings
     app.state.recommender = recommender
 
@@ -157,8 +191,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
-        if error.status_code == 413:
-            return problem(413, f"The upload is too large: the limit is {settings.max_upload_bytes:,} bytes.")
         return problem(error.status_code, str(error.detail))
 
     @app.exception_handler(RequestValidationError)

@@ -13,8 +13,7 @@ from recommender import kb
 from recommender.ranking import Preferences, eligible, rank_products
 from tests.conftest import REPO_ROOT
 from tests.fixtures.catalog import SMALL_CATALOG_SKIPPED, write_catalog, write_params
-
-REAL_CATALOG = REPO_ROOT / "data" / "catalog"
+from tests.fixtures.knowledge_base import BuiltKb
 
 # Dataset v1 (data.dvc md5 fab84bd3...): rows per catalog file, and the exact duplicates among them.
 V1_ROWS = {
@@ -28,22 +27,8 @@ V1_DUPLICATES = {
 }  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def real_kb(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    if not REAL_CATALOG.is_dir():
-        pytest.skip("data/catalog is missing: run `make pull` (make test does) to fetch dataset v1")
-    out = tmp_path_factory.mktemp("real_kb")
-    db, metrics = out / "productlens.db", out / "build_kb.json"
-    code = build_kb.main(
-        ["--catalog", str(REAL_CATALOG), "--params", str(REPO_ROOT / "params.yaml"),
-         "--output", str(db), "--metrics", str(metrics)]
-    )  # fmt: skip
-    assert code == 0
-    return db, json.loads(metrics.read_text())
-
-
-def test_real_catalog_loads_every_row_or_counts_it_skipped_with_reason(real_kb: tuple[Path, dict]) -> None:
-    db, metrics = real_kb
+def test_real_catalog_loads_every_row_or_counts_it_skipped_with_reason(real_kb: BuiltKb) -> None:
+    db, metrics = real_kb.path, real_kb.metrics
     categories = metrics["categories"]
     assert {name: c["rows"] for name, c in categories.items()} == V1_ROWS
     for name, counts in categories.items():
@@ -61,8 +46,8 @@ def test_real_catalog_loads_every_row_or_counts_it_skipped_with_reason(real_kb: 
     assert unpriced_within == (0,)
 
 
-def test_real_catalog_search_brands_and_class_mapping(real_kb: tuple[Path, dict]) -> None:
-    db, _ = real_kb
+def test_real_catalog_search_brands_and_class_mapping(real_kb: BuiltKb) -> None:
+    db = real_kb.path
     engine = kb.make_engine(kb.sqlite_url(db))
     with engine.connect() as conn:
         cards = kb.search_products(conn, "rtx 4070", limit=20)
@@ -141,10 +126,10 @@ def test_mapping_to_a_category_without_catalog_fails_the_build(tmp_path: Path) -
     ],
 )
 def test_database_candidates_agree_with_the_ranking_rules(
-    real_kb: tuple[Path, dict], category: str, preferences: Preferences
+    real_kb: BuiltKb, category: str, preferences: Preferences
 ) -> None:
     """The SQL pre-filter (budget, brands, required specs) keeps exactly the rows the ranking accepts."""
-    db, _ = real_kb
+    db = real_kb.path
     engine = kb.make_engine(kb.sqlite_url(db))
     with engine.connect() as conn:
         everything = kb.candidate_rows(conn, category, Preferences(), pool=100_000)

@@ -1,0 +1,232 @@
+"""The HTTP API against a real model server on 127.0.0.1 (tiny exported model) and the real catalog's KB."""
+
+from __future__ import annotations
+
+import io
+import json
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+from PIL import Image
+
+from recommender.app import Settings, create_app
+from tests.conftest import REPO_ROOT
+from tests.fixtures.knowledge_base import BuiltKb, free_port, serve_app
+from tests.fixtures.model_server import ModelServerHandle
+
+pytestmark = pytest.mark.e2e
+
+MAX_UPLOAD = 200_000
+
+
+def settings_for(kb: BuiltKb, grpc_address: str, params: Path | None = None, **overrides) -> Settings:
+    values = dict(
+        db_url=kb.url,
+        model_grpc=grpc_address,
+        model_name="productlens",
+        model_timeout_s=10.0,
+        max_upload_bytes=MAX_UPLOAD,
+        params_path=params or REPO_ROOT / "params.yaml",
+    )
+    return Settings(**{**values, **overrides})
+
+
+@pytest.fixture(scope="module")
+def api(real_kb: BuiltKb, model_server: ModelServerHandle) -> Iterator[str]:
+    with serve_app(create_app(settings_for(real_kb, model_server.grpc_address))) as url:
+        yield url
+
+
+def photo(model_server: ModelServerHandle, class_name: str) -> bytes:
+    return model_server.sample_images[class_name][0]
+
+
+def post(url: str, image: bytes, filename: str = "photo.jpg", **fields) -> requests.Response:
+    data = [(k, v) for k, values in fields.items() for v in (values if isinstance(values, list) else [values])]
+    return requests.post(f"{url}/v1/recommendations", files={"image": (filename, image)}, data=data, timeout=30)
+
+
+def assert_no_stack_trace(response: requests.Response) -> None:
+    assert "Traceback" not in response.text and 'File "' not in response.text
+
+
+def test_photo_gives_prediction_category_facts_and_explained_recommendations(
+    api: str, model_server: ModelServerHandle
+) -> None:
+    response = post(api, photo(model_server, "mouse"), budget_max="100", brands="Logitech", require="wireless=true")
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert answer["prediction"]["class"] == "mouse"
+    assert answer["prediction"]["confidence"] > 0.6
+    assert answer["prediction"]["model"] == {"name": "productlens", "version": model_server.version}
+    top_k = answer["prediction"]["top_k"]
+    assert len(top_k) == 3 and top_k[0] == {
+        "class": "mouse",
+        "probability": answer["prediction"]["confidence"],
+        "category": "mouse",
+    }
+    assert answer["category"] == "mouse" and answer["uncertain"] is False
+    facts = answer["category_facts"][0]
+    assert facts["category"] == "mouse" and facts["products"] > 2000 and 0 < facts["min_price"] < facts["max_price"]
+    products = answer["products"]
+    assert 1 <= len(products) <= 10
+    assert all(p["category"] == "mouse" and p["specs"]["wireless"] is True for p in products)
+    assert all(p["price"] is not None and p["price"] <= 100 for p in products)
+    assert products[0]["brand"] == "Logitech"
+    assert products[0]["explanation"].startswith(f"{products[0]['price']:.2f}".rstrip("0").rstrip("."))
+    assert "within your 100 USD budget; Logitech, a brand you prefer; wireless" in products[0]["explanation"]
+    timing = response.headers["Server-Timing"]
+    assert all(f"{hop};dur=" in timing for hop in ("upload", "model", "db", "rank", "app"))
+
+
+def test_class_without_catalog_answers_with_a_message(api: str, model_server: ModelServerHandle) -> None:
+    response = post(api, photo(model_server, "microphone"))
+    assert response.status_code == 200
+    answer = response.json()
+    assert answer["prediction"]["class"] == "microphone"
+    assert answer["category"] is None and answer["products"] == [] and answer["category_facts"] == []
+    assert "no microphone catalog" in answer["messages"][0]
+
+
+def test_low_confidence_is_uncertain_with_labelled_candidates(
+    real_kb: BuiltKb, model_server: ModelServerHandle, tmp_path: Path
+) -> None:
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    params["recommender"]["min_confidence"] = 0.999
+    strict = tmp_path / "params.yaml"
+    strict.write_text(yaml.safe_dump(params))
+    with serve_app(create_app(settings_for(real_kb, model_server.grpc_address, strict))) as url:
+        answer = post(url, photo(model_server, "keyboard"), sort="cheapest").json()
+    assert answer["uncertain"] is True and answer["category"] is None
+    assert len(answer["candidates"]) >= 2
+    assert answer["candidates"][0]["label"].startswith("possibly a keyboard (")
+    labels = {p["label"] for p in answer["products"]}
+    assert any(label.startswith("possibly a keyboard") for label in labels)
+    assert "Not sure what this is" in answer["messages"][0]
+
+
+def test_non_image_upload_is_refused_with_415(api: str) -> None:
+    response = post(api, b"%PDF-1.4 not a photo at all", filename="invoice.pdf")
+    assert response.status_code == 415
+    assert response.json() == {"detail": "This file is not an image: upload a JPEG or PNG photo."}
+
+
+def test_empty_upload_and_unreadable_preferences_are_422(api: str, model_server: ModelServerHandle) -> None:
+    empty = post(api, b"")
+    assert empty.status_code == 422 and "empty" in empty.json()["detail"]
+    bad_budget = post(api, photo(model_server, "mouse"), budget_max="cheap")
+    assert bad_budget.status_code == 422
+    assert (
+        bad_budget.json()["detail"] == "Cannot use these preferences: budget_max must be a number of USD, got 'cheap'"
+    )
+    bad_requirement = post(api, photo(model_server, "mouse"), require="wireless")
+    assert bad_requirement.status_code == 422 and "write key=value" in bad_requirement.json()["detail"]
+    missing_image = requests.post(f"{api}/v1/recommendations", data={"budget_max": "5"}, timeout=10)
+    assert missing_image.status_code == 422 and "image" in missing_image.json()["detail"]
+
+
+def test_too_large_upload_is_413_with_the_limit(api: str) -> None:
+    big = Image.effect_noise((400, 400), 100).convert("RGB")
+    buffer = io.BytesIO()
+    big.save(buffer, format="PNG")
+    assert buffer.tell() > MAX_UPLOAD
+    response = post(api, buffer.getvalue(), filename="big.png")
+    assert response.status_code == 413
+    assert response.json()["detail"] == f"The upload is too large: the limit is {MAX_UPLOAD:,} bytes."
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A tiny PNG file claiming width x height pixels: a decompression bomb if anything decoded it."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def test_decompression_bomb_is_refused_before_decoding(api: str) -> None:
+    response = post(api, png_header_only(60_000, 60_000), filename="bomb.png")
+    assert response.status_code == 413
+    assert "decompression-bomb protection" in response.json()["detail"]
+    assert_no_stack_trace(response)
+
+
+def test_unsupported_image_format_is_415(api: str) -> None:
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), "red").save(buffer, format="TIFF")
+    response = post(api, buffer.getvalue(), filename="photo.tiff")
+    assert response.status_code == 415 and "TIFF images are not supported" in response.json()["detail"]
+
+
+def test_model_server_down_is_503_with_a_message(real_kb: BuiltKb, model_server: ModelServerHandle) -> None:
+    down = f"127.0.0.1:{free_port()}"  # nothing listens there
+    with serve_app(create_app(settings_for(real_kb, down, model_timeout_s=1.0))) as url:
+        response = post(url, photo(model_server, "mouse"))
+        health = requests.get(f"{url}/healthz", timeout=10)
+    assert response.status_code == 503
+    assert response.json()["detail"].startswith("The product recognition service is unavailable, try again shortly")
+    assert down in response.json()["detail"]
+    assert_no_stack_trace(response)
+    assert health.status_code == 503
+    assert health.json()["database"]["ok"] is True and health.json()["model"]["ok"] is False
+
+
+def test_healthz_checks_database_and_model_server(api: str, model_server: ModelServerHandle) -> None:
+    response = requests.get(f"{api}/healthz", timeout=10)
+    assert response.status_code == 200
+    assert response.json() == {
+        "status": "ok",
+        "database": {"ok": True, "products": 52560},
+        "model": {"ok": True, "model": "productlens", "version": model_server.version},
+    }
+
+
+def test_products_search_filters_and_lookup(api: str) -> None:
+    found = requests.get(f"{api}/v1/products", params={"q": "rtx 4070", "max_price": 700}, timeout=10).json()
+    assert found["count"] > 0
+    assert all(p["category"] == "video-card" and p["price"] <= 700 for p in found["products"])
+    mice = requests.get(f"{api}/v1/products", params={"category": "mouse", "limit": 5}, timeout=10).json()
+    assert [p["category"] for p in mice["products"]] == ["mouse"] * 5
+    prices = [p["price"] for p in mice["products"]]
+    assert prices == sorted(prices)
+    one = requests.get(f"{api}/v1/products/{mice['products'][0]['id']}", timeout=10).json()
+    assert one["name"] == mice["products"][0]["name"] and one["category_facts"]["category"] == "mouse"
+    missing = requests.get(f"{api}/v1/products/99999999", timeout=10)
+    assert missing.status_code == 404 and missing.json() == {"detail": "No product with id 99999999."}
+    unknown = requests.get(f"{api}/v1/products", params={"category": "toasters"}, timeout=10)
+    assert unknown.status_code == 404 and "the categories are: case, cpu" in unknown.json()["detail"]
+
+
+def test_openapi_docs_describe_the_endpoints(api: str) -> None:
+    spec = requests.get(f"{api}/openapi.json", timeout=10).json()
+    assert {"/v1/recommendations", "/v1/products", "/v1/products/{product_id}", "/healthz"} <= set(spec["paths"])
+    docs = requests.get(f"{api}/docs", timeout=10)
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+    page = requests.get(api, timeout=10)
+    assert page.status_code == 200 and "Drop a photo here" in page.text
+
+
+def test_cli_recommend_and_kb_search_print_tables(
+    real_kb: BuiltKb, model_server: ModelServerHandle, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from recommender.cli import main
+
+    image = tmp_path / "mouse.jpg"
+    image.write_bytes(photo(model_server, "mouse"))
+    args = ["--db-url", real_kb.url, "recommend", str(image), "--model-grpc", model_server.grpc_address]
+    assert main([*args, "--budget-max", "100", "--brand", "Logitech", "--require", "wireless=true"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("mouse.jpg: mouse (")
+    assert "name" in out and "price USD" in out and "Logitech, a brand you prefer; wireless" in out
+    assert main(["--db-url", real_kb.url, "kb", "search", "rtx 4070", "--limit", "3"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split() == ["id", "category", "name", "brand", "price", "USD"]
+    assert len(out.splitlines()) == 5 and out.count("video-card") == 3
+    assert main(["--db-url", real_kb.url, "recommend", str(tmp_path / "missing.jpg")]) == 2
+    assert main(["--db-url", real_kb.url, "kb", "search", "rtx 4070", "--json", "--limit", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["category"] == "video-card"

@@ -66,6 +66,7 @@ submit: setup ## Run the compiled pipeline on Kubeflow: make submit KFP_HOST=htt
 	$(BIN)/python -m pipelines.submit --host $(KFP_HOST) $(RUN_ARGS)
 
 .PHONY: retrain-check
-retrain-check: pull ## Reproduce the pipeline with the committed params; fail if metrics move beyond the tolerance
-	$(BIN)/dvc repro
+retrain-check: pull ## Retrain with the committed params (validate..gate, no export); fail if metrics move beyond the tolerance
+	# --force --no-run-cache: really rerun every step, even when the workspace or DVC's run cache has its outputs.
+	$(BIN)/dvc repro --force --no-run-cache gate
 	$(BIN)/python -m pipelines.retrain_check

@@ -70,3 +70,22 @@ retrain-check: pull ## Retrain with the committed params (validate..gate, no exp
 	# --force --no-run-cache: really rerun every step, even when the workspace or DVC's run cache has its outputs.
 	$(BIN)/dvc repro --force --no-run-cache gate
 	$(BIN)/python -m pipelines.retrain_check
+
+.PHONY: kb
+kb: pull ## Build the product knowledge base (dvc repro build_kb -> artifacts/kb/productlens.db)
+	$(BIN)/dvc repro build_kb
+
+.PHONY: app
+app: setup ## Serve the recommender API + upload page on :8080 (model server: PRODUCTLENS_MODEL_GRPC, default localhost:8500)
+	@test -n "$$PRODUCTLENS_DB_URL" || test -f artifacts/kb/productlens.db || $(MAKE) kb
+	$(BIN)/python -m recommender.app --host 0.0.0.0 --port 8080
+
+.PHONY: browser
+browser: ## Install Debian's chromium for the upload-page browser test (only when /usr/bin/chromium is missing)
+	@test -x /usr/bin/chromium || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium; }
+
+.PHONY: bench-recommender
+bench-recommender: setup ## Benchmark HTTP -> gRPC -> database at concurrency 1 and 8 (needs a KB; starts its own servers)
+	@test -n "$$PRODUCTLENS_DB_URL" || test -f artifacts/kb/productlens.db || $(MAKE) kb
+	$(BIN)/python -m bench.recommender

@@ -84,6 +84,34 @@ def problem(status: int, message: str) -> JSONResponse:
     return JSONResponse({"detail": message}, status_code=status)
 
 
+class ServerTiming:
+    """Time each request and its hops (`request.state.timings`) into a Server-Timing header.
+
+    A plain ASGI middleware: the benchmark's per-hop shares should not pay for BaseHTTPMiddleware.
+    """
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        timings = Timings()
+        scope.setdefault("state", {})["timings"] = timings
+
+        async def timed_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                total = (time.perf_counter() - start) * 1000
+                hops = timings.header()
+                value = f"{hops + ', ' if hops else ''}app;dur={total:.2f}"
+                message = {**message, "headers": [*message.get("headers", []), (b"server-timing", value.encode())]}
+            await send(message)
+
+        await self.app(scope, receive, timed_send)
+
+
 class UploadLimit:
     """Refuse request bodies over `max_bytes` with a JSON 413: by Content-Length before reading anything,
     and while reading for bodies sent without one."""
@@ -146,19 +174,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         "products recommended for your preferences.",
     )
     app.add_middleware(UploadLimit, max_bytes=settings.max_upload_bytes + MULTIPART_SLACK)
+    app.add_middleware(ServerTiming)
     app.state.settings = settings
     app.state.recommender = recommender
-
-    @app.middleware("http")
-    async def server_timing(request: Request, call_next: Any) -> Any:
-        start = time.perf_counter()
-        request.state.timings = Timings()
-        response = await call_next(request)
-        timings: Timings = request.state.timings
-        total = (time.perf_counter() - start) * 1000
-        hops = timings.header()
-        response.headers["Server-Timing"] = f"{hops + ', ' if hops else ''}app;dur={total:.2f}"
-        return response
 
     # ----------------------------------------------------------------- errors
 

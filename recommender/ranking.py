@@ -252,17 +252,29 @@ def rank_note(row: ProductRow, preferences: Preferences, position: int) -> str |
         return "the cheapest match" if position == 0 else None
     if preferences.sort == "premium":
         return "the most premium match" if position == 0 else None
-    if row.value_score is not None:
-        return f"{row.value_score:.1f}x the typical {row.category} value for money"
-    return None
+    if row.value_score is None:
+        return None
+    if row.quality == 1.0:  # no value specs for this product: value for money is its price against the median
+        return f"costs {1 / row.value_score:.0%} of a typical {row.category}'s price"
+    return f"{row.value_score:.1f}x the typical {row.category} value for money"
 
 
 def rank_products(rows: Iterable[ProductRow], preferences: Preferences, limit: int) -> list[Recommendation]:
-    """Products passing the preferences, preferred brands first, then by the requested sort."""
+    """Products passing the preferences, preferred brands first, then by the requested sort.
+
+    A name already listed is not listed again (the catalog has offers of one product under one name).
+    """
     ranked = sorted((row for row in rows if eligible(row, preferences)), key=lambda r: sort_key(r, preferences))
+    distinct: list[ProductRow] = []
+    seen: set[str] = set()
+    for row in ranked:
+        if row.name.lower() not in seen:
+            seen.add(row.name.lower())
+            distinct.append(row)
+        if len(distinct) == limit:
+            break
     return [
-        Recommendation(row, explain(row, preferences, rank_note(row, preferences, i)))
-        for i, row in enumerate(ranked[:limit])
+        Recommendation(row, explain(row, preferences, rank_note(row, preferences, i))) for i, row in enumerate(distinct)
     ]
 
 

@@ -18,7 +18,7 @@ from sqlalchemy import Engine
 from recommender import kb
 from recommender.client import Prediction, PredictionClient
 from recommender.params import RecommenderParams
-from recommender.ranking import ClassProbability, Preferences, RecommendationResult, recommend
+from recommender.ranking import ClassProbability, Preferences, RecommendationResult, choose_categories, recommend
 
 # What the exported model decodes (tf.io.decode_image); anything else is refused before the model call.
 ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "BMP")
@@ -120,6 +120,7 @@ class Recommender:
         self.client = client
         self.params = params
         self._class_to_category: dict[str, str | None] | None = None
+        self._facts: dict[str, kb.CategoryFacts] | None = None
 
     def class_to_category(self) -> dict[str, str | None]:
         """The KB's class -> category table (built from params), falling back to params for unknown classes."""
@@ -133,30 +134,41 @@ class Recommender:
         with timings.hop("model"):
             return self.client.predict_one(image, top_k=top_k)
 
+    def category_facts(self) -> dict[str, kb.CategoryFacts]:
+        """Facts of every category, read once: the knowledge base is read-only while the app runs."""
+        if self._facts is None:
+            with self.engine.connect() as conn:
+                self._facts = kb.category_facts(conn)
+        return self._facts
+
     def recommend_prediction(
         self, prediction: Prediction, preferences: Preferences, timings: Timings
     ) -> tuple[RecommendationResult, dict[str, kb.CategoryFacts]]:
         mapping = self.class_to_category()
+        params = self.params
         top_k = [ClassProbability(c.class_name, c.probability) for c in prediction.top_k]
-        wanted = {c.class_name: mapping.get(c.class_name) for c in top_k}
-        with timings.hop("db"), self.engine.connect() as conn:
-            rows = {
-                category: kb.candidate_rows(conn, category, preferences, self.params.candidate_pool)
-                for category in {c for c in wanted.values() if c}
-            }
-            facts = kb.category_facts(conn, rows)
+        _, choices = choose_categories(
+            top_k, mapping, params.min_confidence, params.uncertain_max_categories, params.uncertain_min_probability
+        )
+        categories = list(dict.fromkeys(c.category for c in choices if c.category))
+        with timings.hop("db"):
+            facts = self.category_facts()
+            rows = {}
+            if categories:
+                with self.engine.connect() as conn:
+                    rows = {c: kb.candidate_rows(conn, c, preferences, params.candidate_pool) for c in categories}
         with timings.hop("rank"):
             result = recommend(
                 top_k,
                 rows,
                 preferences,
                 mapping,
-                self.params.min_confidence,
-                self.params.max_products,
-                self.params.uncertain_max_categories,
-                self.params.uncertain_min_probability,
+                params.min_confidence,
+                params.max_products,
+                params.uncertain_max_categories,
+                params.uncertain_min_probability,
             )
-        return result, facts
+        return result, {c: facts[c] for c in categories if c in facts}
 
     def recommend_image(self, image: bytes, preferences: Preferences, timings: Timings) -> dict[str, Any]:
         prediction = self.predict(image, timings)

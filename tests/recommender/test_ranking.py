@@ -167,3 +167,17 @@ def test_value_for_money_is_spec_quality_per_dollar_against_the_category_median(
     assert quality[3] == 1.0  # no value specs at all: typical
     values = value_scores([100.0, 200.0, None, 150.0], [1.0, 1.0, 1.0, 1.0])
     assert values == [1.5, 0.75, None, 1.0]
+
+
+def test_offers_of_the_same_product_name_are_listed_once() -> None:
+    offers = [mouse(30 + i, "Logitech K120", "Logitech", 11.49 + i, False, value=2.0 - i / 10) for i in range(3)]
+    ranked = rank_products(offers + MICE, Preferences(budget_max=50), limit=10)
+    assert names(ranked).count("Logitech K120") == 1
+    assert ranked[0].product.price == 11.49
+
+
+def test_best_value_without_value_specs_is_explained_by_price_against_the_median() -> None:
+    plain = ProductRow(40, "keyboard", "Logitech K120", "Logitech", 11.49, {}, quality=1.0, value_score=8.0)
+    assert rank_products([plain], Preferences(), 1)[0].explanation == (
+        "11.49 USD; costs 12% of a typical keyboard's price"
+    )

@@ -1,0 +1,200 @@
+"""Export: only blessed models, TF Serving layout and signatures, infra validation, and never a half-written version."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+import yaml
+from tensorflow_serving.apis import prediction_log_pb2
+
+from components import export as export_step
+from components.common.images import decode_and_resize
+from components.export import ExportParams, InfraValidationError, export, image_size_of, next_version
+from tests.fixtures.model_server import TinyModel, export_tiny
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def visible_versions(model_dir: Path) -> list[str]:
+    return sorted(p.name for p in model_dir.iterdir() if not p.name.startswith(".")) if model_dir.exists() else []
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_model: TinyModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_tiny(tiny_model, tmp_path_factory.mktemp("exported"))
+
+
+@pytest.fixture()
+def step_inputs(tiny_model: TinyModel, tmp_path: Path) -> dict[str, Path]:
+    """What dvc.yaml hands the export stage: model, class names, gate, evaluation, sample images, params."""
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    for name in tiny_model.class_names[:4]:
+        (samples / f"{name}.jpg").write_bytes(tiny_model.sample_images[name][0])
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["export"].update(validation_images=4, warmup_images=2)
+    paths = {
+        "model": tiny_model.keras_model,
+        "class_names": tmp_path / "class_names.json",
+        "gate": tmp_path / "gate.json",
+        "evaluation": tmp_path / "evaluate.json",
+        "samples": samples,
+        "params": tmp_path / "params.yaml",
+        "output": tmp_path / "models",
+        "report": tmp_path / "export.json",
+    }
+    paths["class_names"].write_text(json.dumps(tiny_model.class_names))
+    paths["gate"].write_text(json.dumps({"blessed": True, "reasons": ["accuracy 0.95 >= 0.85"]}))
+    paths["evaluation"].write_text(json.dumps({"accuracy": 0.95, "macro_f1": 0.94}))
+    paths["params"].write_text(yaml.safe_dump(params))
+    return paths
+
+
+def cli_args(paths: dict[str, Path]) -> list[str]:
+    return [
+        "--model", str(paths["model"]), "--class-names", str(paths["class_names"]), "--gate", str(paths["gate"]),
+        "--evaluation", str(paths["evaluation"]), "--data-dvc", str(ROOT / "data.dvc"),
+        "--samples", str(paths["samples"]), "--params", str(paths["params"]), "--output", str(paths["output"]),
+        "--report", str(paths["report"]),
+    ]  # fmt: skip
+
+
+def test_export_refuses_a_model_the_gate_did_not_bless(step_inputs, capsys) -> None:
+    reasons = ["recall of class webcam 0.41 < 0.60", "accuracy 0.52 does not beat the majority baseline 0.10 by 0.20"]
+    step_inputs["gate"].write_text(json.dumps({"blessed": False, "reasons": reasons}))
+    assert export_step.main(cli_args(step_inputs)) == 1
+    err = capsys.readouterr().err
+    assert "Export refused" in err
+    for reason in reasons:
+        assert reason in err
+    assert not step_inputs["output"].exists()
+    assert not step_inputs["report"].exists()
+
+
+def test_export_cli_publishes_an_infra_validated_version_with_its_model_card(step_inputs) -> None:
+    completed = subprocess.run(
+        [sys.executable, "-m", "components.export", *cli_args(step_inputs)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    model_dir = step_inputs["output"] / "productlens"
+    assert os.listdir(model_dir) == ["1"]  # nothing hidden left behind either
+    version = model_dir / "1"
+    assert (version / "saved_model.pb").is_file() and (version / "variables").is_dir()
+
+    card = json.loads((version / "model_card.json").read_text())
+    assert card["version"] == 1
+    assert card["metrics"] == {"accuracy": 0.95, "macro_f1": 0.94}
+    assert card["gate"] == {"blessed": True, "reasons": ["accuracy 0.95 >= 0.85"]}
+    assert card["data"]["md5"] == yaml.safe_load((ROOT / "data.dvc").read_text())["outs"][0]["md5"]
+    assert card["params"]["export"]["validation_images"] == 4
+    assert len(card["git"]["commit"]) == 40
+    assert card["class_names"] == json.loads(step_inputs["class_names"].read_text())
+    assert card["image_size"] == 32
+    validation = card["infra_validation"]
+    assert validation["images"] == 4
+    assert max(validation["max_abs_difference"].values()) <= validation["tolerance"]
+
+    records = [prediction_log_pb2.PredictionLog.FromString(r.numpy()) for r in tf.data.TFRecordDataset(
+        str(version / "assets.extra" / "tf_serving_warmup_requests"))]  # fmt: skip
+    assert [r.WhichOneof("log_type") for r in records] == ["predict_log", "predict_log", "classify_log"]
+    report = json.loads(step_inputs["report"].read_text())
+    assert (report["version"], report["path"]) == (1, str(version))
+
+
+def test_a_killed_export_leaves_no_visible_version(step_inputs, tiny_model: TinyModel, tmp_path: Path) -> None:
+    model_dir = step_inputs["output"] / "productlens"
+    export_tiny(tiny_model, step_inputs["output"])  # version 1 already published
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "components.export", *cli_args(step_inputs)],
+        cwd=ROOT, env=dict(os.environ, TMPDIR=str(scratch)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        # Kill it mid-way: the new version is written, infra validation has started.
+        while not list(scratch.glob("infra-validation-*/ready.json")):
+            assert process.poll() is None and time.monotonic() < deadline, "export ended before it could be killed"
+            time.sleep(0.05)
+        server_pid = json.loads(next(scratch.glob("infra-validation-*/ready.json")).read_text())["pid"]
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert visible_versions(model_dir) == ["1"]
+    assert [p.name for p in model_dir.iterdir() if p.name.startswith(".2.")]  # the staging dir, hidden
+
+    # The validation server does not outlive the export (it gets SIGTERM when its parent dies).
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{server_pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not Path(f"/proc/{server_pid}").exists()
+
+    # The next export takes version 2 and clears what the killed one left.
+    assert export_tiny(tiny_model, step_inputs["output"]).name == "2"
+    assert os.listdir(model_dir) and sorted(os.listdir(model_dir)) == ["1", "2"]
+
+
+def test_failed_infra_validation_publishes_nothing(tiny_model: TinyModel, tmp_path: Path) -> None:
+    impossible = ExportParams(validation_images=2, validation_atol=-1.0)  # no answer can be that close
+    with pytest.raises(InfraValidationError, match="differ from the Keras model"):
+        export(
+            tiny_model.keras_model, tiny_model.class_names, {"blessed": True, "reasons": []}, tmp_path, impossible,
+            tiny_model.images(),
+        )  # fmt: skip
+    assert visible_versions(tmp_path / "productlens") == []
+    assert os.listdir(tmp_path / "productlens") == []
+
+
+def test_serving_default_decodes_like_training_and_matches_keras(exported: Path, tiny_model: TinyModel) -> None:
+    signatures = tf.saved_model.load(str(exported)).signatures
+    assert {"serving_default", "classification", "predict_pixels", "predict_pixels_uint8"} <= set(signatures)
+    images = tiny_model.images()
+    served = signatures["serving_default"](image_bytes=tf.constant(images))
+    model = keras.saving.load_model(tiny_model.keras_model)
+    expected = model(tf.stack([decode_and_resize(tf.constant(b), 32) for b in images]), training=False).numpy()
+    np.testing.assert_allclose(served["probabilities"].numpy(), expected, atol=1e-6)
+    top = [names[0].decode() for names in served["class_names"].numpy()]
+    assert top == [name for name in tiny_model.class_names]  # one photo per class, each recognised
+    assert served["class_ids"].dtype == tf.int64 and served["scores"].shape == (len(images), 3)
+
+
+@pytest.mark.parametrize("payload", [b"", b"definitely not an image", b"\xff\xd8\xff\xe0" + b"\x00" * 64])
+def test_undecodable_bytes_fail_instead_of_returning_an_answer(exported: Path, payload: bytes) -> None:
+    serving_default = tf.saved_model.load(str(exported)).signatures["serving_default"]
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        serving_default(image_bytes=tf.constant([payload]))
+
+
+def test_truncated_jpeg_fails_instead_of_returning_an_answer(exported: Path, tiny_model: TinyModel) -> None:
+    serving_default = tf.saved_model.load(str(exported)).signatures["serving_default"]
+    image = tiny_model.sample_images["gpu"][0]
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        serving_default(image_bytes=tf.constant([image[: len(image) // 2]]))
+
+
+def test_versions_count_up_from_the_highest_visible_one(tmp_path: Path) -> None:
+    assert next_version(tmp_path / "absent") == 1
+    for name in ("1", "7", ".8.abc.tmp", "notes"):
+        (tmp_path / name).mkdir()
+    assert next_version(tmp_path) == 8
+
+
+def test_image_size_comes_from_a_fixed_input_or_the_resize_layer() -> None:
+    fixed = keras.Sequential([keras.Input((48, 48, 3)), keras.layers.GlobalAveragePooling2D()])
+    assert image_size_of(fixed) == 48
+    inputs = keras.Input((None, None, 3))
+    resized = keras.Model(inputs, keras.layers.Resizing(40, 40, name="resize")(inputs))
+    assert image_size_of(resized) == 40

@@ -74,7 +74,8 @@ class Product(Base):
 
     __table_args__ = (
         Index("ix_products_category_price", "category", "price"),
-        Index("ix_products_category_value", "category", "value_score"),
+        # Best value (the default sort) reads this index in order and stops at the pool size.
+        Index("ix_products_category_value", "category", text("value_score DESC"), "price", "id"),
         Index("ix_products_brand", "brand"),
     )
 
@@ -213,11 +214,14 @@ def kb_info(conn: Connection) -> dict[str, Any]:
     return {row.key: row.value for row in conn.execute(select(KbInfo.__table__))}
 
 
-def _sort_order(sort: Sort) -> list[Any]:
+def _sort_order(sort: Sort, priced_only: bool) -> list[Any]:
+    """ORDER BY for a sort; with a budget every row has a price, so plain ASC/DESC can follow an index."""
     if sort == "cheapest":
-        return [Product.price.asc().nulls_last()]
+        return [Product.price.asc()] if priced_only else [Product.price.asc().nulls_last()]
     if sort == "premium":
-        return [Product.price.desc().nulls_last()]
+        return [Product.price.desc()] if priced_only else [Product.price.desc().nulls_last()]
+    if priced_only:  # value_score is NULL exactly when price is
+        return [Product.value_score.desc(), Product.price.asc()]
     return [Product.value_score.desc().nulls_last(), Product.price.asc().nulls_last()]
 
 
@@ -277,12 +281,15 @@ def candidate_rows(conn: Connection, category: str, preferences: Preferences, po
     """Rows of `category` the ranking will choose from: budget, excluded brands and required specs applied
     in SQL, preferred brands first, then the requested sort, at most `pool` rows."""
     query = select(*PRODUCT_COLUMNS).where(Product.category == category)
-    if preferences.budget_min is not None or preferences.budget_max is not None:
-        query = query.where(Product.price.is_not(None))
+    if preferences.has_budget:
+        # price + 0 keeps SQLite from picking the price index for the range and sorting every match afterwards.
+        by_value_on_sqlite = preferences.sort == "best_value" and conn.dialect.name == "sqlite"
+        price = Product.price + 0 if by_value_on_sqlite else Product.price
+        query = query.where(price.is_not(None))
         if preferences.budget_min is not None:
-            query = query.where(Product.price >= preferences.budget_min)
+            query = query.where(price >= preferences.budget_min)
         if preferences.budget_max is not None:
-            query = query.where(Product.price <= preferences.budget_max)
+            query = query.where(price <= preferences.budget_max)
     if preferences.excluded_brands:
         query = query.where(func.lower(Product.brand).not_in([b.lower() for b in preferences.excluded_brands]))
     for n, requirement in enumerate(preferences.requirements):
@@ -291,7 +298,7 @@ def candidate_rows(conn: Connection, category: str, preferences: Preferences, po
     if preferences.preferred_brands:
         preferred = func.lower(Product.brand).in_([b.lower() for b in preferences.preferred_brands])
         order.append(case((preferred, 0), else_=1))
-    query = query.order_by(*order, *_sort_order(preferences.sort), Product.id).limit(pool)
+    query = query.order_by(*order, *_sort_order(preferences.sort, preferences.has_budget), Product.id).limit(pool)
     return [_row(r) for r in conn.execute(query)]
 
 

@@ -89,3 +89,13 @@ browser: ## Install Debian's chromium for the upload-page browser test (only whe
 bench-recommender: setup ## Benchmark HTTP -> gRPC -> database at concurrency 1 and 8 (needs a KB; starts its own servers)
 	@test -n "$$PRODUCTLENS_DB_URL" || test -f artifacts/kb/productlens.db || $(MAKE) kb
 	$(BIN)/python -m bench.recommender
+
+.PHONY: serve
+serve: setup ## Serve the latest export under models/ like TF Serving: gRPC :8500, REST :8501 (serving/models.config)
+	@ls -d models/productlens/[0-9]* >/dev/null 2>&1 || echo "No version under models/productlens yet: run 'make repro' (the server waits and loads it when it appears)."
+	$(BIN)/python -m serving.server --port=8500 --rest_api_port=8501 --model_config_file=serving/models.config \
+		--enable_batching --batching_parameters_file=serving/batching.config
+
+.PHONY: bench-serving
+bench-serving: setup ## Benchmark in-process vs our server over gRPC/REST at concurrency 1/8/32, and a version swap under load
+	$(BIN)/python -m bench.serving

@@ -1,0 +1,420 @@
+"""Serving benchmark: the same photos, in the same run, in-process vs our model server over gRPC and REST.
+
+    python -m bench.serving [--base-path models/productlens] [--json reports/bench/serving.json]
+
+1. In process: the exported `serving_default` signature called directly, one image per call and in
+   batches of `serving.bench_batch_size`: images/s, p50/p99 latency, peak RSS.
+2. Our server (`python -m serving.server`, serving/batching.config) in a separate process, one image per
+   request over gRPC (the stock stubs) and REST, at each `serving.bench_concurrency`: the same figures,
+   the server's peak RSS, and the ratios to the in-process baseline.
+3. A version swap under load: gRPC at the highest concurrency while a new version is published; every
+   request must succeed.
+
+Goals (params `serving:`): gRPC at the highest concurrency >= 0.8x in-process batched images/s; gRPC p99
+at concurrency 1 <= 1.5x in-process single-image p99; no failed request during the swap.
+
+The server serves a copy of the latest version under --base-path (models/ is never touched). Without an
+export there, a stand-in with the production architecture is exported (train.architecture from params,
+ImageNet MobileNetV2 weights, untrained head): the same compute as the real model, not its predictions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import logging
+import os
+import random
+import resource
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from components.common.io import atomic_write_json
+from components.common.params import build, load_params, section
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+log = logging.getLogger("bench.serving")
+
+
+@dataclass(frozen=True)
+class BenchParams:
+    bench_images: int = 64
+    bench_requests: int = 320
+    bench_concurrency: list[int] = field(default_factory=lambda: [1, 8, 32])
+    bench_batch_size: int = 32
+    bench_swap_seconds: float = 20.0
+    goal_grpc_throughput_ratio: float = 0.8
+    goal_p99_latency_ratio: float = 1.5
+
+
+@dataclass
+class Cell:
+    """One measured configuration."""
+
+    name: str
+    concurrency: int
+    images: int
+    seconds: float
+    latencies_ms: list[float]
+    failures: int = 0
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds
+
+    def p(self, q: float) -> float:
+        return float(np.percentile(self.latencies_ms, q))
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "concurrency": self.concurrency,
+            "images_per_s": round(self.images_per_s, 1),
+            "p50_ms": round(self.p(50), 2),
+            "p99_ms": round(self.p(99), 2),
+            "requests": len(self.latencies_ms),
+            "failures": self.failures,
+        }
+
+
+def peak_rss_mb(pid: int | str = "self") -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def test_photos(count: int) -> list[bytes]:
+    """Held-out test photos (artifacts/splits/test.csv) in a fixed shuffled order, or synthetic ones."""
+    split = REPO_ROOT / "artifacts" / "splits" / "test.csv"
+    images = REPO_ROOT / "data" / "images"
+    if split.exists() and images.exists():
+        import pandas as pd
+
+        paths = [images / p for p in pd.read_csv(split, dtype={"path": "string"})["path"]]
+        random.Random(0).shuffle(paths)
+        return [p.read_bytes() for p in paths[:count]]
+    log.warning("no test split: using synthetic photos")
+    from tests.fixtures.images import jpeg_bytes, synthetic_image
+
+    return [jpeg_bytes(synthetic_image(i % 14, i, 256)) for i in range(count)]
+
+
+def stand_in_version(workdir: Path, photos: list[bytes]) -> Path:
+    """Export the production architecture with ImageNet weights and an untrained head (same compute)."""
+    from components.export import ExportParams, export
+    from components.model import MobileNetParams, build_model
+
+    train = load_params(REPO_ROOT / "params.yaml")["train"]
+    names_file = REPO_ROOT / "artifacts" / "splits" / "class_names.json"
+    class_names = json.loads(names_file.read_text()) if names_file.exists() else [f"class_{i}" for i in range(14)]
+    weights = None
+    if train["architecture"] == "mobilenet_v2":
+        spec = train["mobilenet_v2"]
+        weights = MobileNetParams(spec["alpha"], str((REPO_ROOT / spec["weights"]).resolve()), spec["sha256"])
+    model = build_model(train["architecture"], len(class_names), train["image_size"], weights=weights)
+    path = workdir / "stand_in.keras"
+    model.save(path)
+    gate = {"blessed": True, "reasons": ["benchmark stand-in: production architecture, untrained head"]}
+    return export(path, class_names, gate, workdir / "stand_in", ExportParams(), photos, validate=False).path
+
+
+def latest_version(base_path: Path) -> Path | None:
+    versions = [p for p in base_path.iterdir() if p.name.isdigit()] if base_path.is_dir() else []
+    return max(versions, key=lambda p: int(p.name)) if versions else None
+
+
+def copy_version(source: Path, base: Path, version: int) -> Path:
+    """Publish a copy as base/<version> the way export does: a hidden directory, then one rename."""
+    staging = base / f".{version}.bench.tmp"
+    shutil.copytree(source, staging)
+    final = base / str(version)
+    os.replace(staging, final)
+    return final
+
+
+def run_load(call: Callable[[int], None], requests: int, concurrency: int, name: str) -> Cell:
+    """`requests` calls spread over `concurrency` threads; each call sends one image."""
+    latencies: list[float] = []
+    failures = 0
+    lock = threading.Lock()
+    counter = iter(range(requests))
+
+    def worker() -> None:
+        nonlocal failures
+        while True:
+            with lock:
+                index = next(counter, None)
+            if index is None:
+                return
+            started = time.perf_counter()
+            try:
+                call(index)
+                elapsed = (time.perf_counter() - started) * 1000
+                with lock:
+                    latencies.append(elapsed)
+            except Exception:  # noqa: BLE001 - a benchmark counts failures rather than stopping at the first
+                with lock:
+                    failures += 1
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return Cell(name, concurrency, len(latencies), time.perf_counter() - started, latencies, failures)
+
+
+def in_process(version_dir: Path, photos: list[bytes], params: BenchParams) -> tuple[list[Cell], float]:
+    import tensorflow as tf
+
+    serving_default = tf.saved_model.load(str(version_dir)).signatures["serving_default"]
+    for photo in photos[:8]:
+        serving_default(image_bytes=tf.constant([photo]))
+    batch = params.bench_batch_size
+    serving_default(image_bytes=tf.constant(photos[:batch]))
+
+    def single(i: int) -> None:
+        serving_default(image_bytes=tf.constant([photos[i % len(photos)]]))["probabilities"].numpy()
+
+    single_cell = run_load(single, params.bench_requests, 1, "in-process, 1 image per call")
+    batches = max(1, params.bench_requests // batch)
+    latencies = []
+    started = time.perf_counter()
+    for b in range(batches):
+        images = [photos[(b * batch + j) % len(photos)] for j in range(batch)]
+        t0 = time.perf_counter()
+        serving_default(image_bytes=tf.constant(images))["probabilities"].numpy()
+        latencies.append((time.perf_counter() - t0) * 1000)
+    batched = Cell(f"in-process, batches of {batch}", 1, batches * batch, time.perf_counter() - started, latencies)
+    return [single_cell, batched], peak_rss_mb()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.serving", description=__doc__.splitlines()[0])
+    parser.add_argument("--base-path", type=Path, default=REPO_ROOT / "models" / "productlens")
+    parser.add_argument("--params", type=Path, default=REPO_ROOT / "params.yaml")
+    parser.add_argument("--batching", type=Path, default=REPO_ROOT / "serving" / "batching.config")
+    parser.add_argument("--json", type=Path, default=REPO_ROOT / "reports" / "bench" / "serving.json")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    params = build(BenchParams, section(load_params(args.params), "serving"), f"{args.params}:serving")
+
+    import grpc
+    import requests
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+    from components.export import model_server_process
+
+    photos = test_photos(params.bench_images)
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
+        workdir = Path(tmp)
+        source = latest_version(args.base_path)
+        model_kind = f"exported version {source}" if source else ""
+        if source is None:
+            log.info("no export under %s: exporting a stand-in with the production architecture", args.base_path)
+            source = stand_in_version(workdir, photos)
+            model_kind = "stand-in: production architecture (params train:), ImageNet weights, untrained head"
+        card_path = source / "model_card.json"
+        card = json.loads(card_path.read_text()) if card_path.exists() else {}
+        log.info("benchmarking %s", model_kind)
+        cells, in_process_rss = in_process(source, photos, params)
+
+        served_base = workdir / "served" / "productlens"
+        served_base.mkdir(parents=True)
+        copy_version(source, served_base, 1)
+        extra = ("--enable_batching", f"--batching_parameters_file={args.batching}")
+        with model_server_process(served_base, "productlens", workdir, 300, extra) as server:
+            pid = server["pid"]
+            channel = grpc.insecure_channel(f"127.0.0.1:{server['grpc_port']}")
+            stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+            requests_grpc = []
+            for photo in photos:
+                request = predict_pb2.PredictRequest()
+                request.model_spec.name = "productlens"
+                request.model_spec.signature_name = "serving_default"
+                request.inputs["image_bytes"].CopyFrom(tf.make_tensor_proto([photo], dtype=tf.string, shape=[1]))
+                requests_grpc.append(request)
+            bodies = [
+                json.dumps({"instances": [{"b64": base64.b64encode(photo).decode("ascii")}]}).encode()
+                for photo in photos
+            ]
+            rest_url = f"http://127.0.0.1:{server['rest_port']}/v1/models/productlens:predict"
+            sessions = threading.local()
+
+            def grpc_call(i: int) -> None:
+                stub.Predict(requests_grpc[i % len(photos)], timeout=60)
+
+            def rest_call(i: int) -> None:
+                if not hasattr(sessions, "session"):
+                    sessions.session = requests.Session()
+                reply = sessions.session.post(rest_url, data=bodies[i % len(photos)], timeout=60)
+                reply.raise_for_status()
+
+            for _ in range(2):  # warm both paths (threads, connections) outside the measurement
+                with ThreadPoolExecutor(8) as pool:
+                    list(pool.map(grpc_call, range(32)))
+                    list(pool.map(rest_call, range(32)))
+            for protocol, call in (("gRPC", grpc_call), ("REST", rest_call)):
+                for concurrency in params.bench_concurrency:
+                    cell = run_load(call, params.bench_requests, concurrency, f"server {protocol}")
+                    cells.append(cell)
+                    log.info("%s", cell.row())
+            server_rss = peak_rss_mb(pid)
+
+            swap = swap_under_load(stub, requests_grpc, source, served_base, params, grpc_call)
+            server_rss_swap = peak_rss_mb(pid)
+            channel.close()
+
+    report = summarize(cells, params, model_kind, card, in_process_rss, server_rss, server_rss_swap, swap)
+    # Other work on the machine skews every figure: record it next to them.
+    report["machine"]["load_average_1min"] = {"before": round(load_before[0], 2), "after": round(os.getloadavg()[0], 2)}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(args.json, report)
+    print_report(report)
+    return 0
+
+
+def swap_under_load(stub, requests_grpc, source: Path, served_base: Path, params: BenchParams, call) -> dict:
+    """gRPC load at the highest concurrency while version 2 is published; count failures and versions seen."""
+    import grpc
+
+    concurrency = max(params.bench_concurrency)
+    stop = threading.Event()
+    seen: dict[int, int] = {}
+    failures: list[str] = []
+    lock = threading.Lock()
+    count = 0
+
+    def worker(offset: int) -> None:
+        nonlocal count
+        i = offset
+        while not stop.is_set():
+            try:
+                version = stub.Predict(requests_grpc[i % len(requests_grpc)], timeout=60).model_spec.version.value
+                with lock:
+                    seen[version] = seen.get(version, 0) + 1
+                    count += 1
+            except grpc.RpcError as error:
+                with lock:
+                    failures.append(f"{error.code().name}: {error.details()}")
+            i += concurrency
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(concurrency)]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    time.sleep(params.bench_swap_seconds / 3)
+    published = time.monotonic()
+    copy_version(source, served_base, 2)
+    switched = None
+    while time.monotonic() - started < params.bench_swap_seconds or switched is None:
+        with lock:
+            if switched is None and seen.get(2):
+                switched = time.monotonic() - published
+        if time.monotonic() - started > params.bench_swap_seconds * 3:
+            break
+        time.sleep(0.05)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    return {
+        "concurrency": concurrency,
+        "seconds": round(time.monotonic() - started, 1),
+        "requests": count,
+        "failures": len(failures),
+        "failure_examples": failures[:5],
+        "responses_by_version": {str(k): v for k, v in sorted(seen.items())},
+        "seconds_until_new_version_served": round(switched, 2) if switched is not None else None,
+    }
+
+
+def summarize(cells, params, model_kind, card, in_process_rss, server_rss, server_rss_swap, swap) -> dict:
+    single, batched = cells[0], cells[1]
+    top = max(params.bench_concurrency)
+    grpc_top = next(c for c in cells if c.name == "server gRPC" and c.concurrency == top)
+    grpc_one = next(c for c in cells if c.name == "server gRPC" and c.concurrency == 1)
+    rows = []
+    for cell in cells:
+        row = cell.row()
+        row["throughput_vs_in_process_batched"] = round(cell.images_per_s / batched.images_per_s, 2)
+        row["p99_vs_in_process_single"] = round(cell.p(99) / single.p(99), 2)
+        rows.append(row)
+    throughput_ratio = grpc_top.images_per_s / batched.images_per_s
+    latency_ratio = grpc_one.p(99) / single.p(99)
+    return {
+        "model": model_kind,
+        "image_size": card.get("image_size"),
+        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+        "params": asdict(params),
+        "cells": rows,
+        "peak_rss_mb": {
+            "in_process": round(in_process_rss),
+            "server": round(server_rss),
+            "server_after_swap": round(server_rss_swap),
+        },
+        "swap": swap,
+        "goals": {
+            f"grpc_c{top}_throughput_vs_in_process_batched": {
+                "value": round(throughput_ratio, 2),
+                "goal": f">= {params.goal_grpc_throughput_ratio}",
+                "met": throughput_ratio >= params.goal_grpc_throughput_ratio,
+            },
+            "grpc_c1_p99_vs_in_process_single_p99": {
+                "value": round(latency_ratio, 2),
+                "goal": f"<= {params.goal_p99_latency_ratio}",
+                "met": latency_ratio <= params.goal_p99_latency_ratio,
+            },
+            "failed_requests_during_swap": {"value": swap["failures"], "goal": "0", "met": swap["failures"] == 0},
+        },
+    }
+
+
+def print_report(report: dict) -> None:
+    machine = report["machine"]
+    print(
+        f"\nmodel: {report['model']} (image size {report['image_size']}), {machine['cpus']} CPUs, "
+        f"1-min load average {machine['load_average_1min']['before']} before, "
+        f"{machine['load_average_1min']['after']} after"
+    )
+    header = (
+        "| path | concurrency | images/s | p50 ms | p99 ms | x in-process batched images/s | x in-process single p99 |"
+    )
+    print(header)
+    print("|" + "---|" * 7)
+    for row in report["cells"]:
+        print(
+            f"| {row['name']} | {row['concurrency']} | {row['images_per_s']} | {row['p50_ms']} | {row['p99_ms']} | "
+            f"{row['throughput_vs_in_process_batched']} | {row['p99_vs_in_process_single']} |"
+        )
+    rss = report["peak_rss_mb"]
+    print(
+        f"\npeak RSS: in-process {rss['in_process']} MB; server {rss['server']} MB "
+        f"({rss['server_after_swap']} MB after the swap, two versions briefly loaded)"
+    )
+    swap = report["swap"]
+    print(
+        f"version swap under gRPC load (concurrency {swap['concurrency']}, {swap['seconds']} s): "
+        f"{swap['requests']} requests, {swap['failures']} failed, by version {swap['responses_by_version']}, "
+        f"new version served {swap['seconds_until_new_version_served']} s after it was published"
+    )
+    for name, goal in report["goals"].items():
+        print(f"goal {name}: {goal['value']} (goal {goal['goal']}): {'met' if goal['met'] else 'NOT MET'}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

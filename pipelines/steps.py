@@ -32,7 +32,6 @@ DEFAULT_PARAMS = PROJECT_ROOT / "params.yaml"
 DATA_PARTS = ("images", "catalog")
 MODEL_FILE = "model.keras"
 EVALUATE_METRICS = "evaluate.json"
-MODEL_CARD = "model_card.json"  # components.export.MODEL_CARD (importing it would load TensorFlow)
 DATA_DVC_FILE = "data.dvc"  # the dataset's .dvc file, kept beside images/ when fetched from a DVC repository
 
 
@@ -251,27 +250,17 @@ def evaluate(data_dir: Path, splits_dir: Path, model_dir: Path, params_path: Pat
 
 
 def gate(evaluation_dir: Path, params_path: Path, model_base: str, decision_path: Path) -> bool:
-    """components.gate against the champion currently exported under `model_base`; returns the decision."""
+    """components.gate against the champion: the newest version exported under `model_base` (as in dvc.yaml,
+    the model folder is passed and the gate finds its newest model card); returns the decision."""
     from components import gate as step
 
-    argv = ["--candidate", str(Path(evaluation_dir) / EVALUATE_METRICS), "--params", str(params_path),
-            "--output", str(decision_path)]  # fmt: skip
-    champion = champion_record(Path(model_base), params_path)
-    if champion is not None:
-        argv += ["--champion", str(champion)]
+    model_name = yaml.safe_load(Path(params_path).read_text(encoding="utf-8"))["export"]["model_name"]
+    argv = [
+        "--candidate", str(Path(evaluation_dir) / EVALUATE_METRICS), "--champion", str(Path(model_base) / model_name),
+        "--params", str(params_path), "--output", str(decision_path),
+    ]  # fmt: skip
     run_step(step.main, argv)
     return bool(read_json(decision_path)["blessed"])
-
-
-def champion_record(model_base: Path, params_path: Path) -> Path | None:
-    """The model card of the newest version exported under `model_base` (the blessed champion), if any."""
-    params = yaml.safe_load(Path(params_path).read_text(encoding="utf-8"))
-    model_dir = Path(model_base) / params["export"]["model_name"]
-    versions = sorted((int(p.name), p) for p in model_dir.glob("*") if p.is_dir() and p.name.isdigit())
-    if not versions:
-        return None
-    card = versions[-1][1] / MODEL_CARD
-    return card if card.is_file() else None
 
 
 def export(model_dir: Path, splits_dir: Path, data_dir: Path, decision_path: Path, evaluation_dir: Path,

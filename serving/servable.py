@@ -12,7 +12,6 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
 import numpy as np
 import tensorflow as tf
 from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
@@ -21,7 +20,7 @@ from tensorflow_serving.apis import classification_pb2, input_pb2, predict_pb2, 
 from serving.batching import BatchScheduler
 from serving.config import BatchingOptions
 from serving.errors import ServingError, failed_precondition, from_tf_error, internal, invalid_argument
-from serving.tensors import NUMPY_OF, dtype_name, to_ndarray, to_tensor_proto
+from serving.tensors import dtype_name, to_ndarray, to_tensor_proto
 
 log = logging.getLogger("serving.servable")
 
@@ -322,9 +321,3 @@ class ServableVersion:
 
 def _text(value) -> str:
     return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
-
-
-def numpy_dtype(dtype: int):
-    if dtype not in NUMPY_OF:
-        raise ServingError(grpc.StatusCode.UNIMPLEMENTED, f"inputs of type {dtype_name(dtype)} are not supported")
-    return NUMPY_OF[dtype]

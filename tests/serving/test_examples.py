@@ -48,3 +48,17 @@ def test_curl_example_classifies_over_rest(model_server: ModelServerHandle, phot
         check=True,
     )  # fmt: skip
     assert json.loads(classify.stdout)["result"][0][0][0] == "keyboard"
+
+
+def test_reload_config_script_applies_a_models_config(model_server: ModelServerHandle, tmp_path: Path) -> None:
+    config = tmp_path / "models.config"
+    config.write_text(
+        f'model_config_list {{ config {{ name: "productlens" base_path: "{model_server.base_path}" '
+        'model_platform: "tensorflow" model_version_policy { latest { num_versions: 1 } } } }\n'
+    )
+    completed = subprocess.run(
+        [sys.executable, str(EXAMPLES / "reload_config.py"), str(config), "--server", model_server.grpc_address],
+        capture_output=True, text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), timeout=120, check=False,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.splitlines() == ["sending config for 1 model(s): productlens", "reloaded"]

@@ -1,7 +1,7 @@
 """Submit the compiled training pipeline to a Kubeflow Pipelines endpoint.
 
     make submit KFP_HOST=https://kfp.example.com/pipeline \\
-        RUN_ARGS='data_revision=v1 params_overrides={"train.epochs":4} component_image_tag=0.1.0'
+        RUN_ARGS='params_overrides={"train.epochs":4} component_image=productlens-components:0.1.1'
 
 Uses `kfp.Client().create_run_from_pipeline_package` on pipelines/training_pipeline.yaml (the
 committed, compiled pipeline: `make compile` first if you changed the pipeline).

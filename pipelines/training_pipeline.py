@@ -6,10 +6,12 @@
 Each step is a thin lightweight component that imports `pipelines.steps` inside its body and
 runs the same `components.<step>` CLI as `dvc.yaml`; data moves between steps as KFP artefacts.
 All steps run in the image built from `components/Dockerfile`. KFP fixes a component's
-`base_image` at compile time, so the compiled YAML names `<repository>:<version from
-pyproject.toml>` and the `component_image_tag` run parameter overrides the tag of every step
-at run time (`set_container_image`); change the repository with `--image-repository` (or
-`PRODUCTLENS_IMAGE_REPOSITORY`) and recompile.
+`base_image` at compile time: the compiled YAML names `<repository>:<version in pyproject.toml>`
+(`--image-repository` / `PRODUCTLENS_IMAGE_REPOSITORY`, `--image-tag`), and that reference is the
+default of the `component_image` run parameter, which replaces the image of every step at run
+time (`set_container_image`). It is the whole reference, `repository:tag`, not the tag alone:
+the KFP driver resolves an image only when it is exactly one parameter, never a string built
+around one.
 """
 
 import argparse
@@ -189,17 +191,16 @@ def create_pipeline(image_repository: str = DEFAULT_IMAGE_REPOSITORY, image_tag:
         data_location: str = DEFAULT_DATA_LOCATION,
         data_revision: str = "",
         params_overrides: dict = {},  # noqa: B006 (a KFP parameter default, never mutated)
-        component_image_tag: str = image_tag,
+        component_image: str = image,
         model_base: str = DEFAULT_MODEL_BASE,
     ):
         """data_location: folder with images/ + catalog/, or a DVC repository (Git URL/path) read at
         data_revision. params_overrides: dotted params.yaml keys, e.g. {"train.epochs": 4}.
-        component_image_tag: tag of the component image every step runs in. model_base: export base path."""
-        run_image = image_reference(image_repository, component_image_tag)
+        component_image: the component image (repository:tag) every step runs in. model_base: export base path."""
 
         def step(name: str, **inputs) -> dsl.PipelineTask:
             task = ops[name.replace("-", "_")](**inputs).set_display_name(name)
-            task.set_container_image(run_image)
+            task.set_container_image(component_image)
             return with_resources(task, name)
 
         fetched = step(
@@ -247,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         default=os.environ.get("PRODUCTLENS_IMAGE_REPOSITORY", DEFAULT_IMAGE_REPOSITORY),
         help="repository of the component image (components/Dockerfile)",
     )
-    parser.add_argument("--image-tag", default=DEFAULT_IMAGE_TAG, help="default component_image_tag of the run")
+    parser.add_argument("--image-tag", default=DEFAULT_IMAGE_TAG, help="tag of the default component_image")
     args = parser.parse_args(argv)
     path = compile_pipeline(args.output, args.image_repository, args.image_tag)
     print(f"compiled {PIPELINE_NAME} -> {path}")

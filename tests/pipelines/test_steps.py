@@ -51,8 +51,12 @@ def test_a_revision_for_a_plain_data_folder_is_refused(tmp_path):
 
 def test_submit_arguments_parse_json_values_and_keep_plain_strings():
     arguments = parse_run_arguments(
-        ['params_overrides={"train.epochs": 4}', "data_revision=v1", "component_image_tag=1"]
+        ['params_overrides={"train.epochs": 4}', "data_revision=v1", "component_image=registry.example/productlens:1"]
     )
-    assert arguments == {"params_overrides": {"train.epochs": 4}, "data_revision": "v1", "component_image_tag": 1}
+    assert arguments == {
+        "params_overrides": {"train.epochs": 4},
+        "data_revision": "v1",
+        "component_image": "registry.example/productlens:1",
+    }
     with pytest.raises(ValueError, match="name=value"):
         parse_run_arguments(["no-equals-sign"])

@@ -35,7 +35,7 @@ def test_default_image_tag_is_the_project_version():
 
 def test_pipeline_parameters_cover_data_params_and_image(spec):
     parameters = spec["root"]["inputDefinitions"]["parameters"]
-    assert {"data_location", "data_revision", "params_overrides", "component_image_tag"} <= set(parameters)
+    assert {"data_location", "data_revision", "params_overrides", "component_image"} <= set(parameters)
 
 
 def test_every_step_runs_in_the_component_image_with_resources(spec):
@@ -43,8 +43,8 @@ def test_every_step_runs_in_the_component_image_with_resources(spec):
     assert executors
     for name, executor in executors.items():
         container = executor["container"]
-        assert container["image"].startswith(f"{training_pipeline.DEFAULT_IMAGE_REPOSITORY}:"), name
-        assert "component_image_tag" in container["image"], f"{name} ignores the component_image_tag parameter"
+        # The whole image is the run parameter: the KFP driver resolves nothing else in an image.
+        assert container["image"] == "{{$.inputs.parameters['pipelinechannel--component_image']}}", name
         resources = container["resources"]
         for key in ("cpuRequest", "cpuLimit", "memoryRequest", "memoryLimit"):
             assert key in resources, f"{name} has no {key}"
@@ -70,9 +70,11 @@ def test_steps_pass_kfp_artefacts(compiled):
 def test_compile_writes_the_requested_image_repository(tmp_path):
     output = tmp_path / "pipeline.yaml"
     training_pipeline.main(["--output", str(output), "--image-repository", "registry.example/productlens"])
-    executors = yaml.safe_load(output.read_text())["deploymentSpec"]["executors"]
-    images = {executor["container"]["image"] for executor in executors.values()}
-    assert all(image.startswith("registry.example/productlens:") for image in images)
+    parameters = yaml.safe_load(output.read_text())["root"]["inputDefinitions"]["parameters"]
+    assert (
+        parameters["component_image"]["defaultValue"]
+        == f"registry.example/productlens:{training_pipeline.DEFAULT_IMAGE_TAG}"
+    )
 
 
 def test_export_runs_only_when_the_gate_blesses(spec):

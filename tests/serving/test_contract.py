@@ -6,9 +6,9 @@ real TensorFlow Serving serving a ProductLens export, point them at it:
     TFSERVING_GRPC=localhost:8500 TFSERVING_REST=http://localhost:8501 \
     TFSERVING_BASE_PATH=models/productlens pytest tests/serving/test_contract.py
 
-TFSERVING_BASE_PATH is the same versions directory the server serves, read here to compute the
-in-process answers; TFSERVING_MODEL names the model (default productlens). Tests of our own
-limits (message size, batch isolation) are skipped against the real server.
+TFSERVING_BASE_PATH is the versions directory that server serves, read here to compute the in-process
+answers (without it, the tests that compare with them are skipped); TFSERVING_MODEL names the model
+(default productlens). Tests of our own limits (message size, batch isolation) are skipped there.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ class Target:
     grpc_address: str
     rest_url: str
     model_name: str
-    saved_model: Path
+    saved_model: Path | None  # the served version's directory, for in-process answers
     images: list[bytes]
     ours: bool
 
@@ -58,10 +58,12 @@ def target(request: pytest.FixtureRequest) -> Target:
     grpc_address = os.environ.get("TFSERVING_GRPC")
     rest_url = os.environ.get("TFSERVING_REST")
     if grpc_address or rest_url:
+        if not (grpc_address and rest_url):
+            pytest.fail(
+                "set TFSERVING_GRPC and TFSERVING_REST together (and TFSERVING_BASE_PATH for in-process answers)"
+            )
         base = os.environ.get("TFSERVING_BASE_PATH")
-        if not (grpc_address and rest_url and base):
-            pytest.fail("set TFSERVING_GRPC, TFSERVING_REST and TFSERVING_BASE_PATH together")
-        latest = max((p for p in Path(base).iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+        latest = max((p for p in Path(base).iterdir() if p.name.isdigit()), key=lambda p: int(p.name)) if base else None
         images = [img for imgs in sample_images(per_class=1).values() for img in imgs][:6]
         return Target(grpc_address, rest_url, os.environ.get("TFSERVING_MODEL", "productlens"), latest, images, False)
     server = request.getfixturevalue("model_server")
@@ -80,7 +82,19 @@ def ours(target: Target) -> Target:
 
 @pytest.fixture(scope="module")
 def in_process(target: Target):
+    if target.saved_model is None:
+        pytest.skip("TFSERVING_BASE_PATH is not set: no SavedModel to compute in-process answers")
     return tf.saved_model.load(str(target.saved_model)).signatures
+
+
+@pytest.fixture(scope="module")
+def served_version(target: Target, channel) -> int:
+    """The version answering latest-version requests: the highest AVAILABLE one."""
+    request = get_model_status_pb2.GetModelStatusRequest()
+    request.model_spec.name = target.model_name
+    response = model_service_pb2_grpc.ModelServiceStub(channel).GetModelStatus(request, timeout=TIMEOUT)
+    available = get_model_status_pb2.ModelVersionStatus.AVAILABLE
+    return max(s.version for s in response.model_version_status if s.state == available)
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +132,7 @@ def assert_server_still_serves(target: Target, predictions) -> None:
 
 
 # ----- answers equal the SavedModel's, in process ----------------------------------------------------
-def test_grpc_predict_equals_in_process(target: Target, predictions, in_process) -> None:
+def test_grpc_predict_equals_in_process(target: Target, predictions, in_process, served_version: int) -> None:
     expected = in_process["serving_default"](image_bytes=tf.constant(target.images))
     single = [predictions.Predict(predict_request(target, [image]), timeout=TIMEOUT) for image in target.images]
     batch = predictions.Predict(predict_request(target, target.images), timeout=TIMEOUT)
@@ -129,7 +143,7 @@ def test_grpc_predict_equals_in_process(target: Target, predictions, in_process)
     for name in ("class_ids", "class_names"):
         np.testing.assert_array_equal(tf.make_ndarray(batch.outputs[name]), expected[name].numpy())
     assert batch.model_spec.name == target.model_name
-    assert batch.model_spec.version.value == int(target.saved_model.name)
+    assert batch.model_spec.version.value == served_version
     assert batch.model_spec.signature_name == "serving_default"
 
 
@@ -225,18 +239,21 @@ def test_metadata_shows_the_signatures(target: Target, predictions) -> None:
     assert SIGNATURES <= set(body["metadata"]["signature_def"]["signature_def"])
 
 
-def test_status_reports_the_version_available(target: Target, channel) -> None:
+def test_status_reports_the_version_available_over_grpc_and_rest(target: Target, channel, served_version: int) -> None:
+    if target.saved_model is not None:
+        assert served_version == int(target.saved_model.name)
     stub = model_service_pb2_grpc.ModelServiceStub(channel)
     request = get_model_status_pb2.GetModelStatusRequest()
     request.model_spec.name = target.model_name
     response = stub.GetModelStatus(request, timeout=TIMEOUT)
-    states = {s.version: s.state for s in response.model_version_status}
-    assert states[int(target.saved_model.name)] == get_model_status_pb2.ModelVersionStatus.AVAILABLE
-
-    rest = requests.get(target.url(), timeout=TIMEOUT).json()
-    entry = next(s for s in rest["model_version_status"] if s["version"] == target.saved_model.name)
-    assert entry["state"] == "AVAILABLE"
-    assert entry["status"]["error_code"] == "OK"
+    by_grpc = {
+        str(s.version): get_model_status_pb2.ModelVersionStatus.State.Name(s.state)
+        for s in response.model_version_status
+    }
+    rest = requests.get(target.url(), timeout=TIMEOUT).json()["model_version_status"]
+    assert {s["version"]: s["state"] for s in rest} == by_grpc
+    entry = next(s for s in rest if s["version"] == str(served_version))
+    assert (entry["state"], entry["status"]["error_code"]) == ("AVAILABLE", "OK")
 
 
 # ----- bad requests: the right status code, and the server keeps serving -------------------------------------

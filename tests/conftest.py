@@ -10,4 +10,4 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-pytest_plugins: list[str] = ["tests.fixtures.model_server", "tests.fixtures.knowledge_base"]
+pytest_plugins: list[str] = ["tests.fixtures.model_server", "tests.fixtures.knowledge_base", "tests.fixtures.training"]

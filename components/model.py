@@ -1,0 +1,222 @@
+"""Model architectures: the paper's CNN (the baseline) and transfer learning on ImageNet MobileNetV2.
+
+Every model takes float32 RGB pixels in 0..255 of any height and width and returns class
+probabilities: resizing and pixel scaling are layers of the model, so a client (and the
+exported SavedModel) only decodes the image. Augmentation layers are part of the training
+model only and are inactive at inference.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+
+from components.common.io import sha256_of_file
+
+log = logging.getLogger("components.model")
+
+ARCHITECTURES = ("paper_cnn", "mobilenet_v2")
+MOBILENET_ALPHAS = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
+# Names the export step and the tests look layers up by.
+RESIZE_LAYER = "resize"
+BASE_LAYER = "mobilenet_v2_base"
+
+
+class WeightsError(RuntimeError):
+    """The pretrained weights file is missing or is not the file params.yaml pins."""
+
+
+@dataclass(frozen=True)
+class AugmentParams:
+    """Random training-time augmentation; 0 (or false) turns a transform off."""
+
+    flip: bool = True
+    rotation: float = 0.0  # fraction of a full turn, e.g. 0.05 = +-18 degrees
+    zoom: float = 0.0  # fraction of the side, e.g. 0.15
+    contrast: float = 0.0  # e.g. 0.2
+    translation: float = 0.0  # fraction of the side
+
+
+@dataclass(frozen=True)
+class MobileNetParams:
+    """Which ImageNet weights file to start from, and the sha256 it must have."""
+
+    alpha: float
+    weights: str
+    sha256: str
+
+
+def verified_weights(path: Path | str, expected_sha256: str) -> Path:
+    """Return `path` if it exists and its sha256 is `expected_sha256`; raise WeightsError otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(
+            f"pretrained weights not found at {path}: the ImageNet MobileNetV2 files live in ../shared/weights "
+            "(see its README); set train.mobilenet_v2.weights in params.yaml to one of them"
+        )
+    actual = sha256_of_file(path)
+    if actual != expected_sha256.lower():
+        raise WeightsError(
+            f"pretrained weights {path} have sha256 {actual}, but params.yaml pins {expected_sha256}: "
+            "the file is corrupt or not the one expected; restore it from ../shared/weights"
+        )
+    return path
+
+
+def augmentation(params: AugmentParams, seed: int) -> keras.Sequential:
+    """Random flip/rotation/zoom/translation/contrast; Keras runs them only when training=True."""
+    layers: list[keras.layers.Layer] = []
+    if params.flip:
+        layers.append(keras.layers.RandomFlip("horizontal", seed=seed))
+    if params.rotation:
+        layers.append(keras.layers.RandomRotation(params.rotation, fill_mode="reflect", seed=seed + 1))
+    if params.zoom:
+        layers.append(keras.layers.RandomZoom((-params.zoom, params.zoom), fill_mode="reflect", seed=seed + 2))
+    if params.translation:
+        layers.append(
+            keras.layers.RandomTranslation(params.translation, params.translation, fill_mode="reflect", seed=seed + 3)
+        )
+    if params.contrast:
+        layers.append(keras.layers.RandomContrast(params.contrast, seed=seed + 4))
+    return keras.Sequential(layers, name="augmentation")
+
+
+def _inputs_resized(image_size: int, augment: AugmentParams | None, seed: int) -> tuple[keras.KerasTensor, ...]:
+    inputs = keras.Input(shape=(None, None, 3), dtype="float32", name="pixels")
+    x = keras.layers.Resizing(image_size, image_size, interpolation="bilinear", name=RESIZE_LAYER)(inputs)
+    if augment is not None:
+        x = augmentation(augment, seed)(x)
+    return inputs, x
+
+
+def build_paper_cnn(
+    num_classes: int, image_size: int = 224, augment: AugmentParams | None = None, seed: int = 0
+) -> keras.Model:
+    """The paper's network: 4 x (Conv 3x3 + max-pool) with 32/64/128/128 filters, Dense 512, softmax."""
+    inputs, x = _inputs_resized(image_size, augment, seed)
+    x = keras.layers.Rescaling(1.0 / 255, name="rescale")(x)
+    for filters in (32, 64, 128, 128):
+        x = keras.layers.Conv2D(filters, 3, activation="relu")(x)
+        x = keras.layers.MaxPooling2D(2)(x)
+    x = keras.layers.Flatten()(x)
+    x = keras.layers.Dense(512, activation="relu")(x)
+    outputs = keras.layers.Dense(num_classes, activation="softmax", name="probabilities")(x)
+    return keras.Model(inputs, outputs, name="paper_cnn")
+
+
+def mobilenet_v2_base(image_size: int, weights: MobileNetParams) -> keras.Model:
+    """ImageNet MobileNetV2 without its top, from the verified local weights file; global-average pooled."""
+    path = verified_weights(weights.weights, weights.sha256)
+    if weights.alpha not in MOBILENET_ALPHAS:
+        raise ValueError(f"train.mobilenet_v2.alpha {weights.alpha} is not one of {MOBILENET_ALPHAS}")
+    base = keras.applications.MobileNetV2(
+        input_shape=(image_size, image_size, 3),
+        alpha=weights.alpha,
+        include_top=False,
+        weights=str(path),
+        pooling="avg",
+    )
+    base.name = BASE_LAYER
+    return base
+
+
+def classifier_head(num_classes: int, dropout: float, name: str = "head") -> keras.Sequential:
+    """Dropout + softmax layer on top of pooled features (trained alone on cached features first)."""
+    return keras.Sequential(
+        [keras.layers.Dropout(dropout), keras.layers.Dense(num_classes, activation="softmax", name="probabilities")],
+        name=name,
+    )
+
+
+def build_mobilenet_v2(
+    num_classes: int,
+    image_size: int,
+    weights: MobileNetParams,
+    dropout: float = 0.2,
+    augment: AugmentParams | None = None,
+    seed: int = 0,
+    head: keras.Sequential | None = None,
+) -> keras.Model:
+    """Resize -> [augment] -> scale to [-1, 1] -> MobileNetV2 (frozen, BN in inference mode) -> head.
+
+    Pass `head` to reuse a head already trained on cached features.
+    """
+    base = mobilenet_v2_base(image_size, weights)
+    base.trainable = False
+    inputs, x = _inputs_resized(image_size, augment, seed)
+    # preprocess_input for MobileNetV2: x / 127.5 - 1.
+    x = keras.layers.Rescaling(1.0 / 127.5, offset=-1.0, name="rescale")(x)
+    # training=False keeps BatchNormalization statistics frozen, also while fine-tuning.
+    features = base(x, training=False)
+    head = head if head is not None else classifier_head(num_classes, dropout)
+    outputs = head(features)
+    return keras.Model(inputs, outputs, name=f"mobilenet_v2_{weights.alpha}_{image_size}")
+
+
+def base_of(model: keras.Model) -> keras.Model:
+    return model.get_layer(BASE_LAYER)
+
+
+def unfreeze_top(model: keras.Model, layers: int) -> int:
+    """Make the top `layers` layers of the MobileNetV2 base trainable (all if layers < 0); BN stays frozen.
+
+    Returns the number of layers with weights that became trainable.
+    """
+    base = base_of(model)
+    base.trainable = True
+    cut = 0 if layers < 0 else max(0, len(base.layers) - layers)
+    unfrozen = 0
+    for index, layer in enumerate(base.layers):
+        trainable = index >= cut and not isinstance(layer, keras.layers.BatchNormalization)
+        layer.trainable = trainable
+        unfrozen += int(trainable and bool(layer.weights))
+    return unfrozen
+
+
+def inference_model(model: keras.Model) -> keras.Model:
+    """The trained model without its augmentation stage, sharing its layers and weights: what train saves.
+
+    Keras random layers augment whenever they are called without training=False, so the saved model has
+    none: every caller (export, serving, notebooks) gets the same answer for the same pixels.
+    """
+    inputs = keras.Input(shape=(None, None, 3), dtype="float32", name="pixels")
+    x = inputs
+    for layer in model.layers[1:]:  # both architectures are a chain of layers after the input
+        if layer.name != "augmentation":
+            x = layer(x, training=False)
+    return keras.Model(inputs, x, name=model.name)
+
+
+def ensemble(members: list[keras.Model], image_size: int) -> keras.Model:
+    """One model averaging the members' probabilities (inference models; each keeps its own scaling)."""
+    inputs = keras.Input(shape=(None, None, 3), dtype="float32", name="pixels")
+    # Resize once at the top so every member sees the same pixels, and the export step finds the size here.
+    x = keras.layers.Resizing(image_size, image_size, interpolation="bilinear", name=RESIZE_LAYER)(inputs)
+    for index, member in enumerate(members):
+        member.name = f"member_{index}"  # layer names must be unique within the ensemble
+    outputs = [member(x, training=False) for member in members]
+    averaged = keras.layers.Average(name="probabilities")(outputs)
+    return keras.Model(inputs, averaged, name=f"ensemble_of_{len(members)}")
+
+
+def build_model(
+    architecture: str,
+    num_classes: int,
+    image_size: int,
+    *,
+    weights: MobileNetParams | None = None,
+    dropout: float = 0.2,
+    augment: AugmentParams | None = None,
+    seed: int = 0,
+) -> keras.Model:
+    """Build one of ARCHITECTURES (uncompiled)."""
+    if architecture == "paper_cnn":
+        return build_paper_cnn(num_classes, image_size, augment, seed)
+    if architecture == "mobilenet_v2":
+        if weights is None:
+            raise ValueError("mobilenet_v2 needs train.mobilenet_v2 (alpha, weights, sha256) in params.yaml")
+        return build_mobilenet_v2(num_classes, image_size, weights, dropout, augment, seed)
+    raise ValueError(f"unknown train.architecture {architecture!r}; expected one of {ARCHITECTURES}")

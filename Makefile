@@ -99,3 +99,13 @@ serve: setup ## Serve the latest export under models/ like TF Serving: gRPC :850
 .PHONY: bench-serving
 bench-serving: setup ## Benchmark in-process vs our server over gRPC/REST at concurrency 1/8/32, and a version swap under load
 	$(BIN)/python -m bench.serving
+
+.PHONY: bench-train
+bench-train: setup ## Benchmark training on dataset v1: the paper CNN vs the default model, same run (~30 min on 2 cores)
+	@test -f artifacts/splits/train.csv || $(BIN)/dvc repro preprocess
+	$(BIN)/python -m bench.train
+
+.PHONY: suspect-labels
+suspect-labels: setup ## List train+val images a cross-validated model confidently disagrees with -> reports/suspect_labels.csv
+	@test -f artifacts/splits/train.csv || $(BIN)/dvc repro preprocess
+	$(BIN)/python -m bench.suspect_labels

@@ -7,6 +7,9 @@
 2. Our server (`python -m serving.server`, serving/batching.config) in a separate process, one image per
    request over gRPC (the stock stubs) and REST, at each `serving.bench_concurrency`: the same figures,
    the server's peak RSS, and the ratios to the in-process baseline.
+   Every cell is measured `serving.bench_rounds` times, interleaved (in-process, then each server
+   cell, then again), so load from other processes on the machine hits baseline and server alike;
+   images/s is the median of the rounds, latency percentiles pool every request of every round.
 3. A version swap under load: gRPC at the highest concurrency while a new version is published; every
    request must succeed.
 
@@ -50,7 +53,8 @@ log = logging.getLogger("bench.serving")
 @dataclass(frozen=True)
 class BenchParams:
     bench_images: int = 64
-    bench_requests: int = 320
+    bench_requests: int = 160
+    bench_rounds: int = 3
     bench_concurrency: list[int] = field(default_factory=lambda: [1, 8, 32])
     bench_batch_size: int = 32
     bench_swap_seconds: float = 20.0
@@ -60,7 +64,7 @@ class BenchParams:
 
 @dataclass
 class Cell:
-    """One measured configuration."""
+    """One measured configuration, over one or more rounds."""
 
     name: str
     concurrency: int
@@ -68,10 +72,22 @@ class Cell:
     seconds: float
     latencies_ms: list[float]
     failures: int = 0
+    rounds_images_per_s: list[float] = field(default_factory=list)
 
     @property
     def images_per_s(self) -> float:
+        if self.rounds_images_per_s:
+            return float(np.median(self.rounds_images_per_s))
         return self.images / self.seconds
+
+    def add_round(self, other: Cell) -> None:
+        if not self.rounds_images_per_s:
+            self.rounds_images_per_s.append(self.images / self.seconds)
+        self.rounds_images_per_s.append(other.images / other.seconds)
+        self.images += other.images
+        self.seconds += other.seconds
+        self.latencies_ms += other.latencies_ms
+        self.failures += other.failures
 
     def p(self, q: float) -> float:
         return float(np.percentile(self.latencies_ms, q))
@@ -85,6 +101,7 @@ class Cell:
             "p99_ms": round(self.p(99), 2),
             "requests": len(self.latencies_ms),
             "failures": self.failures,
+            "rounds_images_per_s": [round(v, 1) for v in self.rounds_images_per_s or [self.images_per_s]],
         }
 
 
@@ -177,29 +194,34 @@ def run_load(call: Callable[[int], None], requests: int, concurrency: int, name:
     return Cell(name, concurrency, len(latencies), time.perf_counter() - started, latencies, failures)
 
 
-def in_process(version_dir: Path, photos: list[bytes], params: BenchParams) -> tuple[list[Cell], float]:
-    import tensorflow as tf
+class InProcess:
+    """The exported serving_default signature, called directly in this process."""
 
-    serving_default = tf.saved_model.load(str(version_dir)).signatures["serving_default"]
-    for photo in photos[:8]:
-        serving_default(image_bytes=tf.constant([photo]))
-    batch = params.bench_batch_size
-    serving_default(image_bytes=tf.constant(photos[:batch]))
+    def __init__(self, version_dir: Path, photos: list[bytes], batch: int) -> None:
+        import tensorflow as tf
 
-    def single(i: int) -> None:
-        serving_default(image_bytes=tf.constant([photos[i % len(photos)]]))["probabilities"].numpy()
+        self.tf = tf
+        self.signature = tf.saved_model.load(str(version_dir)).signatures["serving_default"]
+        self.photos = photos
+        self.batch = batch
+        for i in range(8):
+            self.single(i)
+        self.signature(image_bytes=tf.constant(photos[:batch]))
 
-    single_cell = run_load(single, params.bench_requests, 1, "in-process, 1 image per call")
-    batches = max(1, params.bench_requests // batch)
-    latencies = []
-    started = time.perf_counter()
-    for b in range(batches):
-        images = [photos[(b * batch + j) % len(photos)] for j in range(batch)]
-        t0 = time.perf_counter()
-        serving_default(image_bytes=tf.constant(images))["probabilities"].numpy()
-        latencies.append((time.perf_counter() - t0) * 1000)
-    batched = Cell(f"in-process, batches of {batch}", 1, batches * batch, time.perf_counter() - started, latencies)
-    return [single_cell, batched], peak_rss_mb()
+    def single(self, i: int) -> None:
+        self.signature(image_bytes=self.tf.constant([self.photos[i % len(self.photos)]]))["probabilities"].numpy()
+
+    def batched(self, images: int) -> Cell:
+        batches = max(1, images // self.batch)
+        latencies = []
+        started = time.perf_counter()
+        for b in range(batches):
+            chunk = [self.photos[(b * self.batch + j) % len(self.photos)] for j in range(self.batch)]
+            t0 = time.perf_counter()
+            self.signature(image_bytes=self.tf.constant(chunk))["probabilities"].numpy()
+            latencies.append((time.perf_counter() - t0) * 1000)
+        elapsed = time.perf_counter() - started
+        return Cell(f"in-process, batches of {self.batch}", 1, batches * self.batch, elapsed, latencies)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -232,7 +254,9 @@ def main(argv: list[str] | None = None) -> int:
         card_path = source / "model_card.json"
         card = json.loads(card_path.read_text()) if card_path.exists() else {}
         log.info("benchmarking %s", model_kind)
-        cells, in_process_rss = in_process(source, photos, params)
+        baseline = InProcess(source, photos, params.bench_batch_size)
+        baseline.batched(params.bench_batch_size * 2)
+        in_process_rss = peak_rss_mb()
 
         served_base = workdir / "served" / "productlens"
         served_base.mkdir(parents=True)
@@ -269,18 +293,32 @@ def main(argv: list[str] | None = None) -> int:
                 with ThreadPoolExecutor(8) as pool:
                     list(pool.map(grpc_call, range(32)))
                     list(pool.map(rest_call, range(32)))
-            for protocol, call in (("gRPC", grpc_call), ("REST", rest_call)):
-                for concurrency in params.bench_concurrency:
-                    cell = run_load(call, params.bench_requests, concurrency, f"server {protocol}")
-                    cells.append(cell)
-                    log.info("%s", cell.row())
+            cells: dict[tuple[str, int], Cell] = {}
+
+            def measure(cell: Cell) -> None:
+                log.info("%s", cell.row())
+                key = (cell.name, cell.concurrency)
+                if key in cells:
+                    cells[key].add_round(cell)
+                else:
+                    cells[key] = cell
+
+            for round_number in range(params.bench_rounds):
+                log.info("round %d of %d", round_number + 1, params.bench_rounds)
+                measure(run_load(baseline.single, params.bench_requests, 1, "in-process, 1 image per call"))
+                measure(baseline.batched(params.bench_requests))
+                for protocol, call in (("gRPC", grpc_call), ("REST", rest_call)):
+                    for concurrency in params.bench_concurrency:
+                        measure(run_load(call, params.bench_requests, concurrency, f"server {protocol}"))
             server_rss = peak_rss_mb(pid)
 
             swap = swap_under_load(stub, requests_grpc, source, served_base, params, grpc_call)
             server_rss_swap = peak_rss_mb(pid)
             channel.close()
 
-    report = summarize(cells, params, model_kind, card, in_process_rss, server_rss, server_rss_swap, swap)
+    report = summarize(
+        list(cells.values()), params, model_kind, card, in_process_rss, server_rss, server_rss_swap, swap
+    )
     # Other work on the machine skews every figure: record it next to them.
     report["machine"]["load_average_1min"] = {"before": round(load_before[0], 2), "after": round(os.getloadavg()[0], 2)}
     args.json.parent.mkdir(parents=True, exist_ok=True)

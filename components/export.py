@@ -275,6 +275,7 @@ def model_server_process(
 ) -> Iterator[dict[str, Any]]:
     """Start `python -m serving.server` on free loopback ports; yield {grpc_port, rest_port, pid, process}."""
     ready = workdir / "ready.json"
+    ready.unlink(missing_ok=True)  # a stale one would point at a dead server's ports
     log_path = workdir / "server.log"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

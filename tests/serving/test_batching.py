@@ -66,15 +66,44 @@ def test_a_lone_request_does_not_wait_when_the_timeout_is_zero() -> None:
         scheduler.stop()
 
 
-def test_a_partial_batch_waits_for_the_timeout_to_gather_more() -> None:
+def test_a_free_thread_waits_for_the_wave_the_last_batch_had_but_no_longer_than_the_timeout() -> None:
     model = Doubler()
-    options = BatchingOptions(max_batch_size=4, batch_timeout_micros=200_000, num_batch_threads=1)
+    options = BatchingOptions(max_batch_size=8, batch_timeout_micros=400_000, num_batch_threads=1)
     scheduler = BatchScheduler(model, options, "test")
+
+    def staggered(count: int, gap_s: float) -> float:
+        started = time.monotonic()
+        with ThreadPoolExecutor(count) as pool:
+            futures = []
+            for i in range(count):
+                futures.append(pool.submit(scheduler.run, "s", {"x": np.array([float(i)], np.float32)}))
+                time.sleep(gap_s)
+            for future in futures:
+                future.result()
+        return time.monotonic() - started
+
     try:
-        assert run_many(scheduler, [1.0, 2.0, 3.0], threads=3) == [2.0, 4.0, 6.0]
+        scheduler.run("s", {"x": np.ones([3], np.float32)})  # the previous batch had 3 rows
+        # Three requests arriving 50 ms apart: the free thread waits for the third, then runs them together.
+        assert staggered(3, 0.05) < 0.35
+        assert model.batches[-1] == 3
+        # One request where three are expected: it runs alone once the timeout is up.
+        assert 0.3 < staggered(1, 0.0) < 1.0
+        assert model.batches[-1] == 1
     finally:
         scheduler.stop()
-    assert model.batches == [3]
+
+
+def test_a_lone_client_never_waits_for_the_timeout() -> None:
+    options = BatchingOptions(max_batch_size=32, batch_timeout_micros=2_000_000, num_batch_threads=1)
+    scheduler = BatchScheduler(Doubler(), options, "test")
+    try:
+        started = time.monotonic()
+        for _ in range(5):
+            scheduler.run("s", {"x": np.ones([1], np.float32)})
+        assert time.monotonic() - started < 0.5
+    finally:
+        scheduler.stop()
 
 
 def test_a_request_larger_than_max_batch_size_is_invalid_argument() -> None:

@@ -390,6 +390,7 @@ def summarize(cells, params, model_kind, card, in_process_rss, server_rss, serve
     for cell in cells:
         row = cell.row()
         row["throughput_vs_in_process_batched"] = round(cell.images_per_s / batched.images_per_s, 2)
+        row["p50_vs_in_process_single"] = round(cell.p(50) / single.p(50), 2)
         row["p99_vs_in_process_single"] = round(cell.p(99) / single.p(99), 2)
         rows.append(row)
     throughput_ratio = grpc_top.images_per_s / batched.images_per_s
@@ -429,15 +430,16 @@ def print_report(report: dict) -> None:
         f"1-min load average {machine['load_average_1min']['before']} before, "
         f"{machine['load_average_1min']['after']} after"
     )
-    header = (
-        "| path | concurrency | images/s | p50 ms | p99 ms | x in-process batched images/s | x in-process single p99 |"
+    print(
+        "| path | concurrency | images/s | p50 ms | p99 ms | images/s vs in-process batched "
+        "| p50 vs in-process single | p99 vs in-process single |"
     )
-    print(header)
-    print("|" + "---|" * 7)
+    print("|" + "---|" * 8)
     for row in report["cells"]:
         print(
             f"| {row['name']} | {row['concurrency']} | {row['images_per_s']} | {row['p50_ms']} | {row['p99_ms']} | "
-            f"{row['throughput_vs_in_process_batched']} | {row['p99_vs_in_process_single']} |"
+            f"{row['throughput_vs_in_process_batched']}x | {row['p50_vs_in_process_single']}x | "
+            f"{row['p99_vs_in_process_single']}x |"
         )
     rss = report["peak_rss_mb"]
     print(

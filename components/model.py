@@ -23,6 +23,7 @@ MOBILENET_ALPHAS = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
 # Names the export step and the tests look layers up by.
 RESIZE_LAYER = "resize"
 BASE_LAYER = "mobilenet_v2_base"
+TEMPERATURE_LAYER = "temperature"
 
 
 class WeightsError(RuntimeError):
@@ -103,7 +104,7 @@ def build_paper_cnn(
         x = keras.layers.MaxPooling2D(2)(x)
     x = keras.layers.Flatten()(x)
     x = keras.layers.Dense(512, activation="relu")(x)
-    outputs = keras.layers.Dense(num_classes, activation="softmax", name="probabilities")(x)
+    outputs = softmax_with_temperature(num_classes)(x)
     return keras.Model(inputs, outputs, name="paper_cnn")
 
 
@@ -123,12 +124,45 @@ def mobilenet_v2_base(image_size: int, weights: MobileNetParams) -> keras.Model:
     return base
 
 
-def classifier_head(num_classes: int, dropout: float, name: str = "head") -> keras.Sequential:
-    """Dropout + softmax layer on top of pooled features (trained alone on cached features first)."""
+def softmax_with_temperature(num_classes: int) -> keras.Sequential:
+    """Dense logits -> divided by a temperature (1 until calibrated) -> softmax.
+
+    The temperature is a `Rescaling` layer (scale = 1 / T) so the saved model needs no custom code.
+    """
     return keras.Sequential(
-        [keras.layers.Dropout(dropout), keras.layers.Dense(num_classes, activation="softmax", name="probabilities")],
-        name=name,
+        [
+            keras.layers.Dense(num_classes, name="logits"),
+            keras.layers.Rescaling(1.0, name=TEMPERATURE_LAYER),
+            keras.layers.Softmax(name="softmax"),
+        ],
+        name="probabilities",
     )
+
+
+def set_temperature(model: keras.Model, temperature: float) -> int:
+    """Divide the logits of every softmax in `model` (nested ones too) by `temperature`; returns how many.
+
+    Build a new model object (e.g. inference_model) afterwards: Keras bakes the value into traced functions.
+    """
+    found = 0
+    for layer in _all_layers(model):
+        if layer.name == TEMPERATURE_LAYER and isinstance(layer, keras.layers.Rescaling):
+            layer.scale = 1.0 / temperature
+            found += 1
+    return found
+
+
+def _all_layers(model: keras.layers.Layer) -> list[keras.layers.Layer]:
+    layers = []
+    for layer in getattr(model, "layers", []):
+        layers.append(layer)
+        layers.extend(_all_layers(layer))
+    return layers
+
+
+def classifier_head(num_classes: int, dropout: float, name: str = "head") -> keras.Sequential:
+    """Dropout + softmax on top of pooled features (trained alone on cached features first)."""
+    return keras.Sequential([keras.layers.Dropout(dropout), softmax_with_temperature(num_classes)], name=name)
 
 
 def build_mobilenet_v2(

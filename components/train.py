@@ -34,6 +34,7 @@ from components.model import (
     build_model,
     ensemble,
     inference_model,
+    set_temperature,
     unfreeze_top,
 )
 
@@ -58,6 +59,7 @@ class TrainParams:
     dropout: float
     class_weights: bool
     ensemble_members: int = 1  # mobilenet_v2: models trained with different seeds, probabilities averaged
+    calibrate: bool = True  # fit a softmax temperature on val after training (temperature scaling)
     augment: AugmentParams = field(default_factory=AugmentParams)
     mobilenet_v2: MobileNetParams | None = None
 
@@ -267,16 +269,18 @@ def train(
         class_weight=balanced_class_weights(train_split.labels, len(class_names)) if params.class_weights else None,
     )
     phases: dict[str, dict[str, Any]] = {}
+    temperatures: list[float] = []
     try:
         if params.architecture == "paper_cnn":
-            model = inference_model(_train_paper_cnn(data, params, history, phases))
+            trained = [_train_paper_cnn(data, params, history, phases)]
         else:
             features: dict[str, np.ndarray] = {}
-            members = [
-                inference_model(_train_mobilenet_member(data, params, history, phases, member, features))
+            trained = [
+                _train_mobilenet_member(data, params, history, phases, member, features)
                 for member in range(params.ensemble_members)
             ]
-            model = members[0] if len(members) == 1 else ensemble(members, params.image_size)
+        members = [_calibrated(model, data, params, temperatures) for model in trained]
+        model = members[0] if len(members) == 1 else ensemble(members, params.image_size)
     finally:
         history.close()
     wall = time.perf_counter() - started
@@ -291,12 +295,43 @@ def train(
         "val_accuracy": round(val_accuracy, 6),
         "epochs_run": sum(p["epochs"] for p in phases.values()),
         "phases": phases,
+        "temperatures": temperatures,
         "train_seconds": round(wall, 1),
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "parameters": int(model.count_params()),
     }
     log.info("trained %s in %.0f s: val_accuracy %.4f", params.architecture, wall, val_accuracy)
     return TrainResult(model, history.rows, metrics)
+
+
+def fit_temperature(probabilities: np.ndarray, labels: np.ndarray) -> float:
+    """The softmax temperature T minimising the negative log-likelihood of `labels` (temperature scaling).
+
+    softmax(log p / T) == softmax(logits / T) for the model's T=1 probabilities p, so p is all it needs.
+    """
+    from scipy.optimize import minimize_scalar
+    from scipy.special import log_softmax
+
+    log_p = np.log(np.clip(probabilities.astype(np.float64), 1e-12, 1.0))
+    rows = np.arange(len(labels))
+
+    def nll(log_t: float) -> float:
+        return float(-log_softmax(log_p / np.exp(log_t), axis=1)[rows, labels].mean())
+
+    return float(np.exp(minimize_scalar(nll, bounds=(-3.0, 3.0), method="bounded").x))
+
+
+def _calibrated(trained: Any, data: _Data, params: TrainParams, temperatures: list[float]) -> Any:
+    """The inference model of `trained`, its softmax temperature fitted on the val split if params say so."""
+    model = inference_model(trained)
+    if not params.calibrate:
+        return model
+    probabilities = model.predict(batches(data.val_images, params.batch_size).map(lambda x, y: x), verbose=0)
+    temperature = fit_temperature(probabilities, data.val_labels)
+    set_temperature(trained, temperature)
+    temperatures.append(round(temperature, 4))
+    log.info("calibrated: softmax temperature %.3f (fitted on val)", temperature)
+    return inference_model(trained)  # a new model object: the old one traced T = 1 into its functions
 
 
 @dataclass

@@ -30,7 +30,8 @@ def test_paper_cnn_builds_with_the_papers_layers() -> None:
     model = build_model("paper_cnn", num_classes=5, image_size=64)
     convolutions = [layer.filters for layer in model.layers if layer.__class__.__name__ == "Conv2D"]
     assert convolutions == [32, 64, 128, 128]
-    assert [layer.units for layer in model.layers if layer.__class__.__name__ == "Dense"] == [512, 5]
+    assert [layer.units for layer in model.layers if layer.__class__.__name__ == "Dense"] == [512]
+    assert model.get_layer("probabilities").get_layer("logits").units == 5
     probabilities = np.asarray(model(pixels(2, 80, 50)))
     assert probabilities.shape == (2, 5)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
@@ -129,3 +130,19 @@ def test_ensemble_averages_its_members_and_survives_save_and_load(tmp_path: Path
     model.save(tmp_path / "ensemble.keras")
     loaded = keras.models.load_model(tmp_path / "ensemble.keras")
     np.testing.assert_allclose(np.asarray(loaded(batch)), expected, atol=1e-6)
+
+
+def test_temperature_divides_the_logits_and_is_saved_with_the_model(tmp_path: Path) -> None:
+    import keras
+
+    from components.model import inference_model, set_temperature
+
+    trained = build_model("paper_cnn", num_classes=4, image_size=64)
+    batch = pixels(3, 64, 64)
+    before = np.asarray(inference_model(trained)(batch), dtype=np.float64)
+    assert set_temperature(trained, 2.0) == 1
+    after = np.asarray(inference_model(trained)(batch), dtype=np.float64)
+    expected = np.exp(np.log(before) / 2.0)
+    np.testing.assert_allclose(after, expected / expected.sum(axis=1, keepdims=True), atol=1e-5)
+    inference_model(trained).save(tmp_path / "model.keras")
+    np.testing.assert_allclose(np.asarray(keras.models.load_model(tmp_path / "model.keras")(batch)), after, atol=1e-6)

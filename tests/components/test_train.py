@@ -64,3 +64,20 @@ def test_params_typos_fail_loudly() -> None:
 def test_split_with_an_unknown_class_is_rejected(synthetic_data: SyntheticData) -> None:
     with pytest.raises(ValueError, match="not in class_names.json"):
         read_split(synthetic_data.splits / "train.csv", synthetic_data.images, ["gpu"])
+
+
+def test_temperature_scaling_softens_overconfident_probabilities() -> None:
+    from components.train import fit_temperature
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 300)
+    # 70% right, always 99% sure: the fitted temperature must soften (T > 1)
+    predicted = np.where(rng.random(300) < 0.7, labels, (labels + 1) % 3)
+    probabilities = np.full((300, 3), 0.005)
+    probabilities[np.arange(300), predicted] = 0.99
+    assert fit_temperature(probabilities, labels) > 2.0
+
+
+def test_training_records_the_fitted_temperature(separable_training) -> None:
+    (temperature,) = separable_training.metrics["temperatures"]
+    assert 0.05 < temperature < 20

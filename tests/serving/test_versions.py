@@ -58,12 +58,14 @@ def server(tmp_path_factory: pytest.TempPathFactory, exports):
         root / "server",
         f"--model_config_file={config}",
         "--file_system_poll_wait_seconds=0.2",
+        "--model_config_file_poll_wait_seconds=0.2",
         "--enable_batching",
         "--max_num_load_retries=0",
     ) as running:
         with grpc.insecure_channel(running.grpc_address) as channel:
             yield {
                 "base": base,
+                "config": config,
                 "grpc": running.grpc_address,
                 "rest": running.rest_url,
                 "predict": prediction_service_pb2_grpc.PredictionServiceStub(channel),
@@ -242,3 +244,20 @@ def test_a_broken_version_fails_to_load_and_the_server_keeps_serving(server, tin
     rest = requests.get(f"{server['rest']}/v1/models/{MODEL_NAME}/versions/4", timeout=TIMEOUT).json()
     assert rest["model_version_status"][0]["status"]["error_code"] != "OK"
     assert rest["model_version_status"][0]["status"]["error_message"]
+
+
+def test_an_edited_config_file_is_applied_by_polling(server, tiny_model) -> None:
+    server["config"].write_text(config_text(server["base"], "latest { num_versions: 1 }", {"stable": 3}))
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            assert predict(server, tiny_model, label="stable").model_spec.version.value == 3
+            break
+        except grpc.RpcError as error:
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and time.monotonic() < deadline
+            time.sleep(0.1)
+    # A config file that does not parse is refused; the server keeps the last good one.
+    server["config"].write_text("model_config_list { this is not a config }")
+    time.sleep(1.0)
+    assert predict(server, tiny_model, label="stable").model_spec.version.value == 3
+    assert "Not applying the changed" in server["log"].read_text()

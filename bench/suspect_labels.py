@@ -40,15 +40,20 @@ def frozen_features(paths: list[str], labels: np.ndarray, params) -> np.ndarray:
     return np.concatenate([plain, mirrored], axis=1)
 
 
-def out_of_fold_probabilities(features: np.ndarray, labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
+def linear_probe(c: float = 0.01, class_weight: str | None = None):  # noqa: ANN201
+    """Standardised features -> multinomial logistic regression: a cheap, deterministic head on frozen features."""
     from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold, cross_val_predict
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    model = make_pipeline(StandardScaler(), LogisticRegression(C=0.01, max_iter=3000))
+    return make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=3000, class_weight=class_weight))
+
+
+def out_of_fold_probabilities(features: np.ndarray, labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
     splitter = StratifiedKFold(folds, shuffle=True, random_state=seed)
-    return cross_val_predict(model, features, labels, cv=splitter, method="predict_proba")
+    return cross_val_predict(linear_probe(), features, labels, cv=splitter, method="predict_proba")
 
 
 def suspects(frame: pd.DataFrame, probabilities: np.ndarray, class_names: list[str]) -> pd.DataFrame:

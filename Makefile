@@ -105,12 +105,12 @@ bench-train: setup ## Benchmark training on dataset v1: the paper CNN vs the def
 	@test -f artifacts/splits/train.csv || $(BIN)/dvc repro preprocess
 	$(BIN)/python -m bench.train
 
-.PHONY: suspect-labels
 .PHONY: bench-train-options
 bench-train-options: setup ## What input size, alpha, flip TTA and padding buy: one linear head on frozen features, same run (~10 min)
 	@test -f artifacts/splits/train.csv || $(BIN)/dvc repro preprocess
 	$(BIN)/python -m bench.train_options
 
+.PHONY: suspect-labels
 suspect-labels: setup ## List train+val images a cross-validated model confidently disagrees with -> reports/suspect_labels.csv
 	@test -f artifacts/splits/train.csv || $(BIN)/dvc repro preprocess
 	$(BIN)/python -m bench.suspect_labels

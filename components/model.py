@@ -88,8 +88,9 @@ def augmentation(params: AugmentParams, seed: int) -> keras.Sequential:
 def _inputs_resized(image_size: int, augment: AugmentParams | None, seed: int) -> tuple[keras.KerasTensor, ...]:
     inputs = keras.Input(shape=(None, None, 3), dtype="float32", name="pixels")
     x = keras.layers.Resizing(image_size, image_size, interpolation="bilinear", name=RESIZE_LAYER)(inputs)
-    if augment is not None:
-        x = augmentation(augment, seed)(x)
+    stage = augmentation(augment, seed) if augment is not None else None
+    if stage is not None and stage.layers:  # every transform off (e.g. the paper's recipe): no stage at all
+        x = stage(x)
     return inputs, x
 
 

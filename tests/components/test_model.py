@@ -68,6 +68,13 @@ def test_augmentation_is_active_only_in_training(architecture: str) -> None:
     assert not np.allclose(augmented, batch)
 
 
+def test_paper_recipe_with_every_augmentation_off_builds_without_an_augmentation_stage() -> None:
+    off = AugmentParams(flip=False, rotation=0.0, zoom=0.0, translation=0.0, contrast=0.0)
+    model = build_model("paper_cnn", num_classes=3, image_size=64, augment=off, seed=1)
+    assert "augmentation" not in [layer.name for layer in model.layers]
+    assert model(pixels(2, 80, 64), training=True).shape == (2, 3)
+
+
 def test_weights_loader_rejects_a_wrong_sha256() -> None:
     with pytest.raises(WeightsError, match="sha256 .* but params.yaml pins 0000"):
         verified_weights(MOBILENET_035["weights"], "0" * 64)

@@ -4,7 +4,8 @@ Each model is trained and evaluated by the real CLIs (`python -m components.trai
 `python -m components.evaluate`) in their own processes, so peak RSS is each training's own.
 Reported per model: test accuracy, macro F1, worst-class recall, ECE, training wall time (the train
 CLI end to end: imports, decoding, every phase, saving) and peak RSS, then the default's ratios
-against the paper CNN, its per-class recall and its most confused pairs.
+against the paper CNN, each model's per-class recall, most confused pairs, and the gate's decision
+on it (`python -m components.gate`, params.yaml thresholds, no champion) with its reasons.
 
     python -m bench.train [--params params.yaml] [--output reports/bench/train.json] [--only default]
 
@@ -64,8 +65,16 @@ def run_model(name: str, params: dict[str, Any], args: argparse.Namespace, workd
          "--confusion-png", str(workdir / f"{name}.confusion.png")],
         cwd=REPO_ROOT, env=env, check=True,
     )  # fmt: skip
+    decision = workdir / f"{name}.gate.json"
+    # The gate with this run's thresholds and no champion: would this model be blessed on its own?
+    subprocess.run(
+        [sys.executable, "-m", "components.gate", "--candidate", str(evaluation), "--params", str(params_path),
+         "--output", str(decision)],
+        cwd=REPO_ROOT, env=env, check=True, stdout=subprocess.DEVNULL,
+    )  # fmt: skip
     trained = json.loads(train_metrics.read_text())
     metrics = json.loads(evaluation.read_text())
+    gate = json.loads(decision.read_text())
     return {
         "name": name,
         "recipe": describe(params["train"]),
@@ -81,6 +90,8 @@ def run_model(name: str, params: dict[str, Any], args: argparse.Namespace, workd
         "peak_rss_mb": trained["peak_rss_mb"],
         "per_class_recall": {c: m["recall"] for c, m in metrics["per_class"].items()},
         "most_confused": metrics["most_confused"],
+        "gate_blessed": gate["blessed"],
+        "gate_reasons": gate["reasons"],
     }
 
 
@@ -121,7 +132,12 @@ def table(rows: list[dict[str, Any]]) -> str:
 def details(row: dict[str, Any]) -> str:
     recalls = ", ".join(f"{c} {r:.2f}" for c, r in sorted(row["per_class_recall"].items(), key=lambda kv: kv[1]))
     confused = ", ".join(f"{p['actual']} -> {p['predicted']} ({p['count']})" for p in row["most_confused"][:6])
-    return f"{row['name']} per-class recall (lowest first): {recalls}\n{row['name']} most confused: {confused}"
+    verdict = "BLESSED" if row["gate_blessed"] else "REFUSED"
+    reasons = "".join(f"\n  - {reason}" for reason in row["gate_reasons"])
+    return (
+        f"{row['name']} per-class recall (lowest first): {recalls}\n{row['name']} most confused: {confused}\n"
+        f"{row['name']} gate (no champion): {verdict}{reasons}"
+    )
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

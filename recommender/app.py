@@ -29,14 +29,12 @@ from typing import Annotated, Any
 
 from fastapi import FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
-from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from swagger_ui_bundle import swagger_ui_path
 
 from recommender import kb
 from recommender.client import ModelServerError, ModelUnavailableError, PredictionClient
@@ -169,13 +167,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         client.close()
         engine.dispose()
 
-    app = FastAPI(
+    # FastAPIOffline: /docs (Swagger UI) and /redoc from bundled assets; FastAPI's own load them from a CDN.
+    app = FastAPIOffline(
         lifespan=lifespan,
         title="ProductLens recommender",
         version="1.0",
         description="Upload a photo of an electronic product: what it is, its knowledge-base facts, and "
         "products recommended for your preferences.",
-        docs_url=None,  # served below from the swagger-ui-bundle package: FastAPI's default loads it from a CDN
     )
     app.add_middleware(UploadLimit, max_bytes=settings.max_upload_bytes + MULTIPART_SLACK)
     app.add_middleware(ServerTiming)
@@ -233,18 +231,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def index() -> HTMLResponse:
         return HTMLResponse(page)
-
-    app.mount("/static/swagger-ui", StaticFiles(directory=str(swagger_ui_path)), name="swagger-ui")
-
-    @app.get("/docs", response_class=HTMLResponse, include_in_schema=False)
-    def docs() -> HTMLResponse:
-        return get_swagger_ui_html(
-            openapi_url=app.openapi_url or "/openapi.json",
-            title=f"{app.title} - API docs",
-            swagger_js_url="/static/swagger-ui/swagger-ui-bundle.js",
-            swagger_css_url="/static/swagger-ui/swagger-ui.css",
-            swagger_favicon_url="/static/swagger-ui/favicon-32x32.png",
-        )
 
     @app.post("/v1/recommendations", summary="Recognise a product photo and recommend products")
     async def recommendations(

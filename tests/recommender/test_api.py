@@ -209,7 +209,7 @@ def test_openapi_docs_describe_the_endpoints(api: str) -> None:
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
     # Swagger UI is served by the app itself: the docs page works without internet.
     assert "https://" not in docs.text
-    for asset in ("/static/swagger-ui/swagger-ui-bundle.js", "/static/swagger-ui/swagger-ui.css"):
+    for asset in ("/static-offline-docs/swagger-ui-bundle.js", "/static-offline-docs/swagger-ui.css"):
         assert asset in docs.text and requests.get(f"{api}{asset}", timeout=10).status_code == 200
     page = requests.get(api, timeout=10)
     assert page.status_code == 200 and "Drop a photo here" in page.text

@@ -88,3 +88,11 @@ def test_the_page_shows_the_reason_when_the_upload_is_not_a_photo(page_url: str,
     page.click("#submit")
     page.wait_for_selector("#error:not([hidden])", timeout=10_000)
     assert page.inner_text("#error") == "This file is not an image: upload a JPEG or PNG photo."
+
+
+def test_api_docs_render_every_endpoint_in_the_browser_without_internet(page_url: str, browser_page) -> None:
+    page = browser_page
+    page.goto(f"{page_url}/docs")
+    page.wait_for_selector(".swagger-ui .opblock", timeout=20_000)
+    paths = {page.locator(".opblock-summary-path").nth(i).inner_text() for i in range(page.locator(".opblock").count())}
+    assert {"/v1/recommendations", "/v1/products", "/v1/products/{product_id}", "/healthz"} <= paths

@@ -101,7 +101,7 @@ bench-serving: setup ## Benchmark in-process vs our server over gRPC/REST at con
 	$(BIN)/python -m bench.serving
 
 .PHONY: bench-train
-bench-train: setup ## Benchmark training on dataset v1: the paper CNN vs the default model, same run (~30 min on 2 cores)
+bench-train: setup ## Benchmark training on dataset v1: the paper CNN vs the default model, same run (~10 min on 2 cores)
 	@test -f artifacts/splits/train.csv || $(BIN)/dvc repro preprocess
 	$(BIN)/python -m bench.train
 

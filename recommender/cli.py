@@ -3,6 +3,7 @@
     productlens recommend PHOTO [--budget-max 100] [--brand Logitech] [--require wireless=true]
     productlens kb search "rtx 4070" [--category video-card] [--max-price 600]
     productlens kb info
+    productlens review sheets|zoom|record|status ...   (blind label review: labelling/review.py)
 
 The model server and database come from the same environment variables as the app
 (PRODUCTLENS_MODEL_GRPC, PRODUCTLENS_MODEL_NAME, PRODUCTLENS_DB_URL) or the flags below.
@@ -178,6 +179,12 @@ def parser() -> argparse.ArgumentParser:
     search.set_defaults(func=cmd_kb_search)
     info = kb_commands.add_parser("info", help="products per category and what the build skipped")
     info.set_defaults(func=cmd_kb_info)
+
+    from labelling import review
+
+    review_parser = commands.add_parser("review", help="blind label review: contact sheets and decisions")
+    review.parser(review_parser)
+    review_parser.set_defaults(func=review.run)
     return root
 
 

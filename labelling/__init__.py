@@ -1,0 +1,1 @@
+"""Label quality: the blind review tool that writes labels/reviews.csv."""

@@ -392,8 +392,8 @@ def _train_mobilenet_member(
         # The base is frozen and its BN in inference mode, so its output for an image never changes:
         # compute it once (for every member: they share the backbone) and train heads on the cache.
         base = base_of(model)
-        features["train"] = base.predict(batches(data.train_images, 64).map(lambda x, y: _scale(x)), verbose=0)
-        features["val"] = base.predict(batches(data.val_images, 64).map(lambda x, y: _scale(x)), verbose=0)
+        features["train"] = base.predict(batches(data.train_images, 64).map(lambda x, y: scale_for_mobilenet(x)), verbose=0)
+        features["val"] = base.predict(batches(data.val_images, 64).map(lambda x, y: scale_for_mobilenet(x)), verbose=0)
     features_seconds = time.perf_counter() - t0
     head_model = keras.Sequential([keras.Input(shape=features["train"].shape[1:]), model.get_layer("head")])
     _compile(head_model, params.learning_rate, params.label_smoothing)
@@ -438,7 +438,7 @@ def _train_mobilenet_member(
     return model
 
 
-def _scale(x: tf.Tensor) -> tf.Tensor:
+def scale_for_mobilenet(x: tf.Tensor) -> tf.Tensor:
     """MobileNetV2 input scaling (the model's `rescale` layer), for computing base features directly."""
     return x / 127.5 - 1.0
 

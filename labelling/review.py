@@ -73,9 +73,13 @@ def dataset_images(manifest: pd.DataFrame, params: PreprocessParams) -> pd.DataF
     ].reset_index(drop=True)
 
 
+REVIEWABLE_ISSUES = ("label", "outlier")  # a near-duplicate is a leakage question, not a label question
+
+
 def flagged_sha256(issues: pd.DataFrame, splits: Sequence[str] = ("train", "val")) -> set[str]:
-    """Images the audit flags (any issue type) in the given splits."""
-    return set(issues.loc[issues["split"].isin(splits), "sha256"])
+    """Images the audit flags with a label or outlier issue in the given splits."""
+    flagged = issues["split"].isin(splits) & issues["issue_type"].isin(REVIEWABLE_ISSUES)
+    return set(issues.loc[flagged, "sha256"])
 
 
 def review_queue(

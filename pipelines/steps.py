@@ -228,7 +228,8 @@ def train(data_dir: Path, splits_dir: Path, params_path: Path, model_dir: Path, 
 
 def evaluate(data_dir: Path, splits_dir: Path, model_dir: Path, params_path: Path, metrics_artifact: Any,
              confusion_artifact: Any, evaluation_dir: Path) -> None:  # fmt: skip
-    """components.evaluate on the test split; the confusion matrix also goes to KFP's ClassificationMetrics."""
+    """components.evaluate on the test split (not-sure threshold chosen on val, risk-coverage curve beside the
+    metrics); the confusion matrix also goes to KFP's ClassificationMetrics."""
     import pandas as pd
 
     from components import evaluate as step
@@ -239,6 +240,8 @@ def evaluate(data_dir: Path, splits_dir: Path, model_dir: Path, params_path: Pat
         "--images", str(Path(data_dir) / "images"), "--params", str(params_path),
         "--metrics", str(evaluation_dir / EVALUATE_METRICS), "--confusion-csv", str(evaluation_dir / "confusion.csv"),
         "--confusion-png", str(evaluation_dir / "confusion.png"),
+        "--risk-coverage-csv", str(evaluation_dir / "risk_coverage.csv"),
+        "--risk-coverage-png", str(evaluation_dir / "risk_coverage.png"),
     ]  # fmt: skip
     run_step(step.main, argv)
     log_metrics_file(metrics_artifact, evaluation_dir / EVALUATE_METRICS)

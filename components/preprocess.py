@@ -1,9 +1,11 @@
-"""Preprocess step: split the validated manifest into train/val/test by content hash.
+"""Preprocess step: split the validated manifest into train/val/test by content hash, reviewed labels applied.
 
 An image's split is a pure function of its bytes (sha256) and a fixed salt, so adding or
 removing other images never moves it across splits: no test-set leakage after a data update,
 and the same data always gives the same splits. Hashing within each class keeps the splits
-stratified up to sampling noise.
+stratified up to sampling noise. Reviewed labels (labels/reviews.csv) relabel or exclude images
+after the split is decided, so a review never moves an image to another split. test_original.csv
+keeps every test image with its folder's label, for figures comparable with earlier runs.
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ import pandas as pd
 
 from components.common.io import atomic_directory, atomic_write_json
 from components.common.params import load_section
+from components.common.reviews import EXCLUDE_DECISIONS, apply_reviews, empty_reviews, read_reviews, review_counts
 
 log = logging.getLogger("components.preprocess")
 
 SPLITS = ("train", "val", "test")
-SPLIT_COLUMNS = ["path", "class_name", "label", "sha256"]
+SPLIT_COLUMNS = ["path", "class_name", "label", "sha256", "given_class_name", "review"]
 
 
 @dataclass(frozen=True)
@@ -64,24 +67,47 @@ def usable_images(manifest: pd.DataFrame) -> pd.DataFrame:
     return usable.sort_values("path").drop_duplicates(["class_name", "sha256"], keep="first")
 
 
-def make_splits(manifest: pd.DataFrame, params: PreprocessParams) -> tuple[dict[str, pd.DataFrame], list[str]]:
-    """Assign each usable image to a split; returns the split tables and the sorted class names."""
+@dataclass
+class Splits:
+    """The split tables (reviewed labels), the test split with its folder labels, and what reviews removed."""
+
+    splits: dict[str, pd.DataFrame]
+    test_original: pd.DataFrame
+    excluded: pd.DataFrame
+    class_names: list[str]
+
+
+def make_splits(manifest: pd.DataFrame, params: PreprocessParams, reviews: pd.DataFrame | None = None) -> Splits:
+    """Assign each usable image to a split by its hash, then apply the reviewed labels."""
     images = usable_images(manifest)
     class_names = sorted(images["class_name"].unique())
     label_of = {name: index for index, name in enumerate(class_names)}
-    images = images.assign(
-        label=images["class_name"].map(label_of).astype("int64"),
-        split=[split_of(sha, params) for sha in images["sha256"]],
+    images = images.assign(split=[split_of(sha, params) for sha in images["sha256"]])
+    kept, excluded = apply_reviews(images, reviews if reviews is not None else empty_reviews())
+    # An image filed under two folders and reviewed once ends up twice in one class: keep it once.
+    kept = kept.sort_values("path").drop_duplicates(["class_name", "sha256"], keep="first")
+    unknown = sorted(set(kept["class_name"]) - set(label_of))
+    if unknown:
+        raise ValueError(f"reviewed labels {unknown} are not classes of the dataset {class_names}")
+
+    def table(frame: pd.DataFrame, split: str) -> pd.DataFrame:
+        frame = frame[frame["split"] == split].assign(label=lambda f: f["class_name"].map(label_of).astype("int64"))
+        return frame[SPLIT_COLUMNS].sort_values("path").reset_index(drop=True)
+
+    original = images.assign(given_class_name=images["class_name"], review="")
+    return Splits(
+        splits={name: table(kept, name) for name in SPLITS},
+        test_original=table(original, "test"),
+        excluded=excluded[["path", "sha256", "split", "given_class_name", "review"]].sort_values("path"),
+        class_names=class_names,
     )
-    splits = {
-        name: images[images["split"] == name][SPLIT_COLUMNS].sort_values("path").reset_index(drop=True)
-        for name in SPLITS
-    }
-    return splits, class_names
 
 
-def split_metrics(splits: dict[str, pd.DataFrame], class_names: list[str]) -> dict[str, Any]:
+def split_metrics(result: Splits) -> dict[str, Any]:
+    splits, class_names = result.splits, result.class_names
     total = sum(len(frame) for frame in splits.values())
+    kept = pd.concat(splits.values(), ignore_index=True)
+    counts = review_counts(kept, result.excluded)
     return {
         "n_images": total,
         "n_classes": len(class_names),
@@ -90,6 +116,17 @@ def split_metrics(splits: dict[str, pd.DataFrame], class_names: list[str]) -> di
         "per_class": {
             name: {c: int((frame["class_name"] == c).sum()) for c in class_names} for name, frame in splits.items()
         },
+        "reviews": {
+            "reviewed": int((kept["review"] != "").sum() + len(result.excluded)),
+            "confirmed": sum(c["confirmed"] for c in counts.values()),
+            "relabelled": sum(c["relabelled"] for c in counts.values()),
+            **{decision: sum(c[decision] for c in counts.values()) for decision in EXCLUDE_DECISIONS},
+            "reviewed_per_split": {
+                name: int((frame["review"] != "").sum() + (result.excluded["split"] == name).sum())
+                for name, frame in splits.items()
+            },
+            "per_given_class": counts,
+        },
     }
 
 
@@ -97,6 +134,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m components.preprocess", description=__doc__.splitlines()[0])
     parser.add_argument("--manifest", type=Path, required=True, help="manifest CSV written by validate")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--reviews", type=Path, default=None, help="labels/reviews.csv (validated): relabel/exclude")
     parser.add_argument("--output", type=Path, required=True, help="folder for {train,val,test}.csv")
     parser.add_argument("--metrics", type=Path, required=True)
     return parser.parse_args(argv)
@@ -107,16 +145,29 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     params = load_section(PreprocessParams, "preprocess", args.params)
     manifest = pd.read_csv(args.manifest, keep_default_na=False)
-    splits, class_names = make_splits(manifest, params)
-    if any(frame.empty for frame in splits.values()):
-        raise SystemExit(f"a split is empty ({ {k: len(v) for k, v in splits.items()} }): too few images")
+    reviews = read_reviews(args.reviews) if args.reviews is not None else None
+    result = make_splits(manifest, params, reviews)
+    if any(frame.empty for frame in result.splits.values()):
+        sizes = {k: len(v) for k, v in result.splits.items()}
+        raise SystemExit(f"a split is empty ({sizes}): too few images")
     with atomic_directory(args.output) as staging:
-        for name, frame in splits.items():
+        for name, frame in result.splits.items():
             frame.to_csv(staging / f"{name}.csv", index=False)
-        atomic_write_json(staging / "class_names.json", class_names)
-    metrics = split_metrics(splits, class_names)
+        result.test_original.to_csv(staging / "test_original.csv", index=False)
+        result.excluded.to_csv(staging / "excluded.csv", index=False)
+        atomic_write_json(staging / "class_names.json", result.class_names)
+    metrics = split_metrics(result)
     atomic_write_json(args.metrics, metrics)
-    log.info("splits %s over %d classes -> %s", metrics["split_sizes"], len(class_names), args.output)
+    reviewed = metrics["reviews"]
+    log.info(
+        "splits %s over %d classes -> %s; reviews: %d confirmed, %d relabelled, %d excluded",
+        metrics["split_sizes"],
+        len(result.class_names),
+        args.output,
+        reviewed["confirmed"],
+        reviewed["relabelled"],
+        sum(reviewed[d] for d in EXCLUDE_DECISIONS),
+    )
     return 0
 
 

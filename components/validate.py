@@ -24,6 +24,7 @@ from PIL import Image, UnidentifiedImageError
 
 from components.common.io import atomic_directory, atomic_write_json, atomic_write_text
 from components.common.params import load_section
+from components.common.reviews import allowed_decisions, read_reviews
 
 log = logging.getLogger("components.validate")
 
@@ -242,6 +243,51 @@ def image_checks(params: ValidateParams) -> list[Check]:
     ]
 
 
+# --------------------------------------------------------------------------- reviewed labels
+
+
+def review_table(reviews: pd.DataFrame, manifest: pd.DataFrame) -> pd.DataFrame:
+    """labels/reviews.csv with the derived columns its expectations read, and each row's line for messages."""
+    usable = manifest[manifest["decodes"] & manifest["in_class_folder"]]
+    table = reviews.copy()
+    table["row"] = [f"labels/reviews.csv line {i + 2} ({f or 'no file'})" for i, f in enumerate(table["file"])]
+    table["image_in_dataset"] = table["sha256"].isin(set(usable["sha256"]))
+    table["reviewer_named"] = table["reviewer"].astype(str).str.strip() != ""
+    return table
+
+
+def review_checks(params: ValidateParams) -> list[Check]:
+    E = gx.expectations
+    decisions = allowed_decisions(params.expected_classes)
+    return [
+        Check(
+            "reviews",
+            E.ExpectColumnValuesToBeInSet(column="image_in_dataset", value_set=[True]),
+            "review names an image (sha256) that is not in the dataset",
+            "row",
+            "Remove the row, or restore the image it reviews",
+        ),
+        Check(
+            "reviews",
+            E.ExpectColumnValuesToBeInSet(column="decision", value_set=decisions),
+            f"review decision is not one of {decisions}",
+            "row",
+        ),
+        Check(
+            "reviews",
+            E.ExpectColumnValuesToBeInSet(column="reviewer_named", value_set=[True]),
+            "review has no reviewer",
+            "row",
+        ),
+        Check(
+            "reviews",
+            E.ExpectColumnValuesToBeUnique(column="sha256"),
+            "the same image is reviewed on more than one row",
+            "row",
+        ),
+    ]
+
+
 # --------------------------------------------------------------------------- catalog
 
 
@@ -422,9 +468,13 @@ def run_checks(
 
 
 def validate_dataset(
-    images_root: Path, catalog_root: Path, params: ValidateParams, docs_dir: Path | None = None
+    images_root: Path,
+    catalog_root: Path,
+    params: ValidateParams,
+    docs_dir: Path | None = None,
+    reviews: pd.DataFrame | None = None,
 ) -> tuple[pd.DataFrame, ValidationReport, dict[str, Any]]:
-    """Build the manifest and run every image and catalog expectation; returns manifest, report, metrics."""
+    """Build the manifest and run every image, review and catalog expectation; returns manifest, report, metrics."""
     if not images_root.is_dir():
         raise FileNotFoundError(f"images folder {images_root} does not exist (did you run `dvc pull`?)")
     manifest = build_manifest(images_root)
@@ -434,6 +484,9 @@ def validate_dataset(
     folders = folder_table(images_root, manifest, params.split_folder_names)
     tables: dict[str, pd.DataFrame] = {"files": files, "folders": folders}
     checks = image_checks(params)
+    if reviews is not None and len(reviews):
+        tables["reviews"] = review_table(reviews, manifest)
+        checks += review_checks(params)
 
     catalog_files = sorted(catalog_root.glob("*.csv")) if catalog_root.is_dir() else []
     for csv_path in catalog_files:
@@ -453,6 +506,7 @@ def validate_dataset(
         "per_class": {k: int(v) for k, v in usable.groupby("class_name").size().items()},
         "duplicates_within_class": int(len(within_class_duplicates)),
         "duplicate_examples": within_class_duplicates["path"].head(MAX_EXAMPLES).tolist(),
+        "review_rows": 0 if reviews is None else int(len(reviews)),
         "catalog_rows": {
             name.removeprefix("catalog/"): int(len(frame))
             for name, frame in tables.items()
@@ -482,6 +536,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m components.validate", description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=Path, required=True, help="folder with one sub-folder per class")
     parser.add_argument("--catalog", type=Path, required=True, help="folder with the catalog CSVs")
+    parser.add_argument("--reviews", type=Path, default=None, help="labels/reviews.csv: reviewed labels to check")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--manifest", type=Path, required=True, help="manifest CSV to write (on success)")
     parser.add_argument("--metrics", type=Path, required=True, help="metrics JSON to write")
@@ -497,7 +552,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     params = load_section(ValidateParams, "validate", args.params)
     with atomic_directory(args.report_dir) as staging:
-        manifest, report, metrics = validate_dataset(args.images, args.catalog, params, staging / "data_docs")
+        reviews = read_reviews(args.reviews) if args.reviews is not None else None
+        manifest, report, metrics = validate_dataset(args.images, args.catalog, params, staging / "data_docs", reviews)
         atomic_write_json(staging / "validation_results.json", report.raw_results)
     atomic_write_json(args.metrics, metrics)
     log.info(

@@ -33,6 +33,7 @@ DATA_PARTS = ("images", "catalog")
 MODEL_FILE = "model.keras"
 EVALUATE_METRICS = "evaluate.json"
 DATA_DVC_FILE = "data.dvc"  # the dataset's .dvc file, kept beside images/ when fetched from a DVC repository
+REVIEWS_FILE = "labels/reviews.csv"  # reviewed labels: versioned in git beside data.dvc, fetched with the data
 
 
 class StepFailed(RuntimeError):
@@ -98,6 +99,10 @@ def fetch_data(data_location: str, data_revision: str, params_overrides: Mapping
             raise ValueError(f"{data_location} is a data folder, not a DVC repository: data_revision must be empty")
         for part in DATA_PARTS:
             shutil.copytree(Path(data_location) / part, data_dir / part)
+        reviews = Path(data_location) / REVIEWS_FILE  # a data folder carries the reviews of its own images
+        if reviews.exists():
+            (data_dir / REVIEWS_FILE).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(reviews, data_dir / REVIEWS_FILE)
         write_params(DEFAULT_PARAMS, params_overrides, params_path)
         log.info("data: folder %s", data_location)
         return
@@ -107,6 +112,16 @@ def fetch_data(data_location: str, data_revision: str, params_overrides: Mapping
         base_params = Path(scratch) / "params.yaml"
         run_cli([sys.executable, "-m", "dvc", "get", data_location, "params.yaml", "-o", str(base_params), *revision])
         write_params(base_params, params_overrides, params_path)
+    # Revisions from before the label review have no reviews file: their folder labels are used as they are.
+    listing = subprocess.run(
+        [sys.executable, "-m", "dvc", "ls", data_location, str(Path(REVIEWS_FILE).parent), *revision],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if listing.returncode == 0 and Path(REVIEWS_FILE).name in listing.stdout.split():
+        run_cli([sys.executable, "-m", "dvc", "get", data_location, REVIEWS_FILE, "-o", str(data_dir / REVIEWS_FILE),
+                 *revision])  # fmt: skip
+    else:
+        log.info("no %s at %s: the folder labels are used as they are", REVIEWS_FILE, data_revision or "HEAD")
     # data.dvc pins the dataset's md5: export copies it into the model card.
     run_cli([sys.executable, "-m", "dvc", "get", data_location, DATA_DVC_FILE, "-o", str(data_dir / DATA_DVC_FILE),
              *revision])  # fmt: skip
@@ -188,6 +203,7 @@ def validate(data_dir: Path, params_path: Path, manifest_path: Path, metrics_art
     metrics_path = Path(report_dir) / "metrics" / "validate.json"
     argv = [
         "--images", str(Path(data_dir) / "images"), "--catalog", str(Path(data_dir) / "catalog"),
+        "--reviews", str(Path(data_dir) / REVIEWS_FILE),
         "--params", str(params_path), "--manifest", str(manifest_path), "--metrics", str(metrics_path),
         "--report-dir", str(Path(report_dir) / "validate"),
     ]  # fmt: skip
@@ -200,13 +216,14 @@ def validate(data_dir: Path, params_path: Path, manifest_path: Path, metrics_art
             atomic_write_text(Path(data_docs_path), page)
 
 
-def preprocess(manifest_path: Path, params_path: Path, splits_dir: Path, metrics_artifact: Any) -> None:
+def preprocess(data_dir: Path, manifest_path: Path, params_path: Path, splits_dir: Path, metrics_artifact: Any) -> None:
+    """components.preprocess with the reviewed labels fetched beside the data."""
     from components import preprocess as step
 
     with tempfile.TemporaryDirectory(prefix="preprocess-") as scratch:
         metrics_path = Path(scratch) / "preprocess.json"
-        argv = ["--manifest", str(manifest_path), "--params", str(params_path), "--output", str(splits_dir),
-                "--metrics", str(metrics_path)]  # fmt: skip
+        argv = ["--manifest", str(manifest_path), "--reviews", str(Path(data_dir) / REVIEWS_FILE),
+                "--params", str(params_path), "--output", str(splits_dir), "--metrics", str(metrics_path)]  # fmt: skip
         run_step(step.main, argv)
         log_metrics_file(metrics_artifact, metrics_path)
 

@@ -76,15 +76,16 @@ def validate(
 
 
 def preprocess(
+    data: Input[Dataset],
     manifest: Input[Dataset],
     params: Input[Artifact],
     splits: Output[Dataset],
     preprocess_metrics: Output[Metrics],
 ):
-    """Content-hash train/val/test splits (python -m components.preprocess)."""
+    """Content-hash train/val/test splits, reviewed labels applied (python -m components.preprocess)."""
     from pipelines import steps
 
-    steps.preprocess(manifest.path, params.path, splits.path, preprocess_metrics)
+    steps.preprocess(data.path, manifest.path, params.path, splits.path, preprocess_metrics)
 
 
 def train(
@@ -212,7 +213,7 @@ def create_pipeline(image_repository: str = DEFAULT_IMAGE_REPOSITORY, image_tag:
         params = fetched.outputs["params"]
         validated = step("validate", data=fetched.outputs["data"], params=params)
         data = fetched.outputs["data"]
-        splits = step("preprocess", manifest=validated.outputs["manifest"], params=params).outputs["splits"]
+        splits = step("preprocess", data=data, manifest=validated.outputs["manifest"], params=params).outputs["splits"]
         trained = step("train", data=data, splits=splits, params=params)
         evaluated = step("evaluate", data=data, splits=splits, model=trained.outputs["model"], params=params)
         # The gate reads the champion exported under model_base: never reuse a cached decision.

@@ -9,7 +9,6 @@ change is versioned data with who, when and why.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -22,18 +21,6 @@ EXCLUDE_DECISIONS = (EXCLUDE_AMBIGUOUS, EXCLUDE_NOT_PRODUCT)
 
 class ReviewError(ValueError):
     """labels/reviews.csv has a row that cannot be applied."""
-
-
-@dataclass(frozen=True)
-class ReviewProblem:
-    """One bad row: its line number in the CSV (header = line 1) and what is wrong with it."""
-
-    line: int
-    sha256: str
-    reason: str
-
-    def sentence(self) -> str:
-        return f"labels/reviews.csv line {self.line} (sha256 {self.sha256[:12]}...): {self.reason}"
 
 
 def empty_reviews() -> pd.DataFrame:
@@ -54,30 +41,6 @@ def read_reviews(path: Path) -> pd.DataFrame:
 
 def allowed_decisions(class_names: Iterable[str]) -> list[str]:
     return sorted(class_names) + list(EXCLUDE_DECISIONS)
-
-
-def review_problems(
-    reviews: pd.DataFrame, dataset_sha256: Iterable[str], class_names: Iterable[str]
-) -> list[ReviewProblem]:
-    """Every row that names an image not in the dataset, an unknown decision, no reviewer or a repeated image."""
-    known_images = set(dataset_sha256)
-    decisions = set(allowed_decisions(class_names))
-    problems: list[ReviewProblem] = []
-    seen: dict[str, int] = {}
-    for offset, row in enumerate(reviews.itertuples(index=False)):
-        line = offset + 2
-        if row.sha256 not in known_images:
-            problems.append(ReviewProblem(line, row.sha256, f"no image with this sha256 in the dataset ({row.file})"))
-        if row.decision not in decisions:
-            problems.append(
-                ReviewProblem(line, row.sha256, f"decision {row.decision!r} is not one of {sorted(decisions)}")
-            )
-        if not str(row.reviewer).strip():
-            problems.append(ReviewProblem(line, row.sha256, "no reviewer named"))
-        if row.sha256 in seen:
-            problems.append(ReviewProblem(line, row.sha256, f"image already reviewed on line {seen[row.sha256]}"))
-        seen.setdefault(row.sha256, line)
-    return problems
 
 
 def apply_reviews(images: pd.DataFrame, reviews: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 from PIL import Image
@@ -169,3 +170,27 @@ def test_dataset_v1_passes_validation(tmp_path: Path) -> None:
     assert exit_code == 0
     assert metrics["n_images"] == 2632 and metrics["n_classes"] == 14
     assert sum(metrics["catalog_rows"].values()) > 50_000
+
+
+def test_review_of_a_missing_image_fails_naming_the_row(dataset: Path) -> None:
+    from components.validate import build_manifest
+
+    image = build_manifest(dataset).iloc[0]
+    good = {"sha256": image["sha256"], "file": image["path"], "given_label": image["class_name"],
+            "decision": "mouse", "reviewer": "alice", "reviewed_at": "2026-12-01", "note": ""}  # fmt: skip
+    missing = dict(good, sha256="0" * 64, file="mouse/gone.jpg")
+    reviews = pd.DataFrame([good, missing])
+    _, report, _ = validate_dataset(dataset, dataset.parent / "catalog", small_params(), reviews=reviews)
+    failure = the_failure([o.sentence() for o in report.failures], "not in the dataset")
+    assert "labels/reviews.csv line 3 (mouse/gone.jpg)" in failure
+
+
+def test_review_with_an_unknown_decision_fails_naming_the_row(dataset: Path) -> None:
+    from components.validate import build_manifest
+
+    image = build_manifest(dataset).iloc[0]
+    row = {"sha256": image["sha256"], "file": image["path"], "given_label": image["class_name"],
+           "decision": "printer", "reviewer": "alice", "reviewed_at": "2026-12-01", "note": ""}  # fmt: skip
+    _, report, _ = validate_dataset(dataset, dataset.parent / "catalog", small_params(), reviews=pd.DataFrame([row]))
+    failure = the_failure([o.sentence() for o in report.failures], "decision is not one of")
+    assert f"labels/reviews.csv line 2 ({image['path']})" in failure

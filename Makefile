@@ -96,6 +96,13 @@ serve: setup ## Serve the latest export under models/ like TF Serving: gRPC :850
 	$(BIN)/python -m serving.server --port=8500 --rest_api_port=8501 --model_config_file=serving/models.config \
 		--enable_batching --batching_parameters_file=serving/batching.config
 
+.PHONY: review-sheets
+review-sheets: setup ## Blind review sheets of the unreviewed test images and the audit's flagged train/val images
+	$(BIN)/dvc repro audit_labels
+	$(BIN)/productlens review sheets --split test
+	$(BIN)/productlens review sheets --issues reports/label_issues.csv
+	$(BIN)/productlens review status --issues reports/label_issues.csv
+
 .PHONY: bench-serving
 bench-serving: setup ## Benchmark in-process vs our server over gRPC/REST at concurrency 1/8/32, and a version swap under load
 	$(BIN)/python -m bench.serving
@@ -111,6 +118,5 @@ bench-train-options: setup ## What input size, alpha, flip TTA and padding buy: 
 	$(BIN)/python -m bench.train_options
 
 .PHONY: suspect-labels
-suspect-labels: setup ## List train+val images a cross-validated model confidently disagrees with -> reports/suspect_labels.csv
-	@test -f artifacts/splits/train.csv || $(BIN)/dvc repro preprocess
-	$(BIN)/python -m bench.suspect_labels
+suspect-labels: setup ## Label audit (cleanlab): likely label errors, outliers, near-duplicates -> reports/label_issues.csv
+	$(BIN)/dvc repro audit_labels

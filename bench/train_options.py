@@ -23,11 +23,11 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from bench.suspect_labels import linear_probe
+from components.audit_labels import linear_probe
 from components.common.io import atomic_write_json, sha256_of_file
 from components.common.params import load_params, section
 from components.model import MobileNetParams, mobilenet_v2_base
-from components.train import Split, image_dataset, read_split
+from components.train import Split, image_dataset, read_split, scale_for_mobilenet
 
 WEIGHTS_FILE = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{alpha}_224_no_top.h5"
 
@@ -38,7 +38,7 @@ class FeatureSpec:
 
     alpha: float
     size: int
-    pad: bool = False  # letterbox to square (keeps the aspect ratio) instead of squashing
+    pad: bool = True  # letterbox to square (keeps the aspect ratio, the pipeline's decoding) instead of squashing
     flip_tta: bool = False  # features of the image and its mirror, averaged
 
 
@@ -47,27 +47,29 @@ VARIANTS: dict[str, list[FeatureSpec]] = {
     "a035_224": [FeatureSpec(0.35, 224)],
     "a050_288": [FeatureSpec(0.5, 288)],
     "a050_320": [FeatureSpec(0.5, 320)],
-    "a050_224_pad": [FeatureSpec(0.5, 224, pad=True)],
+    "a050_224_squash": [FeatureSpec(0.5, 224, pad=False)],
     "a050_224_flip": [FeatureSpec(0.5, 224, flip_tta=True)],
     "a035+a050_224": [FeatureSpec(0.35, 224), FeatureSpec(0.5, 224)],
+    "a035+a050_288": [FeatureSpec(0.35, 288), FeatureSpec(0.5, 288)],
     "a050_224+320": [FeatureSpec(0.5, 224), FeatureSpec(0.5, 320)],
 }
 
 
-def _padded(path: tf.Tensor, size: int) -> tf.Tensor:
+def _squashed(path: tf.Tensor, size: int) -> tf.Tensor:
+    """The pre-letterbox decoding: stretched to a square (the aspect ratio is lost)."""
     image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
     image.set_shape([None, None, 3])
-    return tf.image.resize_with_pad(tf.cast(image, tf.float32), size, size, antialias=True)
+    return tf.image.resize(tf.cast(image, tf.float32), [size, size], antialias=True)
 
 
 def features(split: Split, spec: FeatureSpec, weights: MobileNetParams) -> np.ndarray:
     """Global-average-pooled MobileNetV2 features of every image in `split`, in manifest order."""
     base = mobilenet_v2_base(spec.size, weights)
-    if spec.pad:
-        pixels = tf.data.Dataset.from_tensor_slices(split.paths).map(lambda p: _padded(p, spec.size))
-    else:  # the training pipeline's own decoding (squashed to a square)
+    if spec.pad:  # the training pipeline's own decoding (letterboxed)
         pixels = image_dataset(split, spec.size).map(lambda x, y: x)
-    scaled = pixels.batch(64).map(lambda x: x / 127.5 - 1.0).prefetch(tf.data.AUTOTUNE)
+    else:
+        pixels = tf.data.Dataset.from_tensor_slices(split.paths).map(lambda p: _squashed(p, spec.size))
+    scaled = pixels.batch(64).map(scale_for_mobilenet).prefetch(tf.data.AUTOTUNE)
     out = base.predict(scaled, verbose=0)
     if spec.flip_tta:
         out = (out + base.predict(scaled.map(tf.image.flip_left_right), verbose=0)) / 2.0

@@ -180,7 +180,9 @@ def load_split_frames(splits_dir: Path) -> pd.DataFrame:
     """Every image of every split (path, class_name, label, sha256, split, review), reviewed labels applied."""
     frames = []
     for split in SPLITS:
-        frame = pd.read_csv(splits_dir / f"{split}.csv", dtype={"path": "string", "sha256": "string"}, keep_default_na=False)
+        frame = pd.read_csv(
+            splits_dir / f"{split}.csv", dtype={"path": "string", "sha256": "string"}, keep_default_na=False
+        )
         if "review" not in frame.columns:  # splits written before reviews existed
             frame = frame.assign(review="")
         frames.append(frame.assign(split=split))

@@ -392,7 +392,9 @@ def _train_mobilenet_member(
         # The base is frozen and its BN in inference mode, so its output for an image never changes:
         # compute it once (for every member: they share the backbone) and train heads on the cache.
         base = base_of(model)
-        features["train"] = base.predict(batches(data.train_images, 64).map(lambda x, y: scale_for_mobilenet(x)), verbose=0)
+        features["train"] = base.predict(
+            batches(data.train_images, 64).map(lambda x, y: scale_for_mobilenet(x)), verbose=0
+        )
         features["val"] = base.predict(batches(data.val_images, 64).map(lambda x, y: scale_for_mobilenet(x)), verbose=0)
     features_seconds = time.perf_counter() - t0
     head_model = keras.Sequential([keras.Input(shape=features["train"].shape[1:]), model.get_layer("head")])

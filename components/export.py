@@ -6,19 +6,22 @@ Otherwise writes `<output>/<model_name>/<N>/` (N = highest existing version + 1)
 - `saved_model.pb` + `variables/`, signatures
   - `serving_default`: `image_bytes` (string [batch], encoded JPEG/PNG/GIF/BMP, decoded and resized
     in the graph with the training code's `decode_and_resize`) -> `probabilities` float32
-    [batch, n_classes], top-k `class_ids` int64, `class_names` string, `scores` float32;
+    [batch, n_classes], top-k `class_ids` int64, `class_names` string, `scores` float32, and
+    `not_sure_threshold` float32 [batch] (the same value in every row: the top-1 probability under
+    which a client should say "not sure", chosen by evaluate on val, so each version brings its own);
   - `classification`: TF Serving's Classify API; input `inputs` (serialized tf.Example with an
     `image_bytes` bytes feature) -> top-k `classes` and `scores`;
   - `predict_pixels` (float32 0..255 [batch, h, w, 3]) and `predict_pixels_uint8` (uint8) for
-    clients that decode themselves; resized in the graph like image bytes are;
+    clients that decode themselves; resized in the graph like image bytes are; outputs as serving_default;
 - `assets.extra/tf_serving_warmup_requests`: PredictionLog records TF Serving replays on load;
-- `model_card.json`: data md5, params, metrics (evaluate.json as is), gate reasons, git commit, time.
+- `model_card.json`: data md5, params, metrics (evaluate.json as is), `not_sure_threshold`, gate
+  reasons, git commit, time.
 
 Undecodable bytes fail the request (INVALID_ARGUMENT), never a confident answer. The version is
 built in a hidden temporary directory and renamed into place only after infra validation: a
 separate model-server process loads it, replays the warmup records and a few images over gRPC
-and REST, and the answers must equal the Keras model's within `validation_atol`. A crash or kill
-at any point leaves no visible version.
+and REST, and the answers must equal the Keras model's within `validation_atol` (and carry the
+card's not-sure threshold). A crash or kill at any point leaves no visible version.
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ IMAGE_FEATURE = "image_bytes"
 CLASSIFY_METHOD = "tensorflow/serving/classify"
 WARMUP_FILE = Path("assets.extra") / "tf_serving_warmup_requests"
 MODEL_CARD = "model_card.json"
+NOT_SURE_THRESHOLD = "not_sure_threshold"  # the output, the model card key and the evaluate.json key
 RESIZE_LAYER = "resize"  # components.model.RESIZE_LAYER; read from the model when its input size is not fixed
 
 
@@ -116,12 +120,20 @@ def image_size_of(model: keras.Model) -> int:
     raise ValueError(f"cannot tell the model's image size: input {shape} and no {RESIZE_LAYER!r} layer")
 
 
+def check_not_sure_threshold(value: Any, where: str) -> float:
+    """The threshold as a float in [0, 1]; anything else is an error naming where it came from."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"{where}: not_sure_threshold must be a probability in [0, 1], got {value!r}")
+    return float(value)
+
+
 def build_archive(
-    model: keras.Model, class_names: list[str], image_size: int, top_k: int
+    model: keras.Model, class_names: list[str], image_size: int, top_k: int, not_sure_threshold: float
 ) -> keras.export.ExportArchive:
     """The four serving signatures over `model`, preprocessing included."""
     k = min(top_k, len(class_names))
     names = tf.constant(class_names)
+    threshold = tf.constant(not_sure_threshold, tf.float32)
 
     def decode_batch(image_bytes: tf.Tensor) -> tf.Tensor:
         return tf.map_fn(
@@ -145,6 +157,8 @@ def build_archive(
             "class_ids": tf.cast(ids, tf.int64),
             "class_names": tf.gather(names, ids),
             "scores": scores,
+            # One value per row, not a scalar: server-side batching splits every output along dimension 0.
+            NOT_SURE_THRESHOLD: tf.fill(tf.shape(probabilities)[:1], threshold),
         }
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
@@ -186,8 +200,15 @@ def _mark_classification_signature(directory: Path) -> None:
     path.write_bytes(saved_model.SerializeToString())
 
 
-def write_saved_model(model: keras.Model, class_names: list[str], image_size: int, top_k: int, directory: Path) -> None:
-    archive = build_archive(model, class_names, image_size, top_k)
+def write_saved_model(
+    model: keras.Model,
+    class_names: list[str],
+    image_size: int,
+    top_k: int,
+    not_sure_threshold: float,
+    directory: Path,
+) -> None:
+    archive = build_archive(model, class_names, image_size, top_k, not_sure_threshold)
     with contextlib.redirect_stdout(sys.stderr):  # ExportArchive prints its endpoint list
         archive.write_out(str(directory), verbose=False)
     _mark_classification_signature(directory)
@@ -336,8 +357,10 @@ def infra_validate(
     image_size: int,
     images: list[bytes],
     params: ExportParams,
+    not_sure_threshold: float,
 ) -> dict[str, Any]:
-    """Serve `staging` from a separate server process and check it answers like `model`; raise if not."""
+    """Serve `staging` from a separate server process and check it answers like `model`, with the model
+    card's not-sure threshold in every row; raise if not."""
     import grpc
     import requests
     from tensorflow_serving.apis import (
@@ -402,12 +425,16 @@ def infra_validate(
             request = predict_pb2.PredictRequest()
             request.model_spec.name = name
             request.model_spec.signature_name = SERVING_DEFAULT
-            single = []
+            single, thresholds = [], {}
             for image in images:
                 request.inputs["image_bytes"].CopyFrom(_tensor_proto([image]))
-                single.append(tf.make_ndarray(predictions.Predict(request, timeout=60).outputs["probabilities"])[0])
+                outputs = predictions.Predict(request, timeout=60).outputs
+                single.append(tf.make_ndarray(outputs["probabilities"])[0])
+                thresholds.setdefault("grpc_single", []).extend(_served_thresholds(outputs, 1))
             request.inputs["image_bytes"].CopyFrom(_tensor_proto(images))
-            batched = tf.make_ndarray(predictions.Predict(request, timeout=60).outputs["probabilities"])
+            outputs = predictions.Predict(request, timeout=60).outputs
+            batched = tf.make_ndarray(outputs["probabilities"])
+            thresholds["grpc_batch"] = _served_thresholds(outputs, len(images))
 
             # 4. REST predict and classify.
             rest = f"http://127.0.0.1:{server['rest_port']}/v1/models/{name}"
@@ -415,7 +442,9 @@ def infra_validate(
             reply = requests.post(f"{rest}:predict", json={"instances": instances}, timeout=60)
             if reply.status_code != 200:
                 raise InfraValidationError(f"REST predict answered {reply.status_code}: {reply.text[:300]}")
-            rest_probabilities = np.asarray([row["probabilities"] for row in reply.json()["predictions"]], np.float32)
+            rows = reply.json()["predictions"]
+            rest_probabilities = np.asarray([row["probabilities"] for row in rows], np.float32)
+            thresholds["rest"] = [row.get(NOT_SURE_THRESHOLD) for row in rows]
             classify = classification_pb2.ClassificationRequest()
             classify.model_spec.name = name
             classify.model_spec.signature_name = CLASSIFICATION
@@ -444,11 +473,20 @@ def infra_validate(
     }
     expected_labels = [class_names[i] for i in expected.argmax(axis=1)]
     label_mismatches = sum(a != b for a, b in zip(top_labels, expected_labels, strict=True))
+    want = float(np.float32(not_sure_threshold))  # what a float32 output can hold
+    wrong_thresholds = {
+        path: values for path, values in thresholds.items() if any(v is None or float(v) != want for v in values)
+    }
+    if wrong_thresholds:
+        raise InfraValidationError(
+            f"the served {NOT_SURE_THRESHOLD} is not the model card's {want} in every row: {wrong_thresholds}"
+        )
     report = {
         "images": len(images),
         "max_abs_difference": differences,
         "tolerance": params.validation_atol,
         "classify_top1_mismatches": label_mismatches,
+        NOT_SURE_THRESHOLD: want,
         "seconds": round(time.monotonic() - started, 1),
     }
     worst = max(differences.values())
@@ -457,6 +495,16 @@ def infra_validate(
             f"served answers differ from the Keras model's: {json.dumps(report)} (tolerance {params.validation_atol})"
         )
     return report
+
+
+def _served_thresholds(outputs: Any, rows: int) -> list[float | None]:
+    """The not-sure threshold of each row of a Predict response ([None] * rows when the output is missing)."""
+    if NOT_SURE_THRESHOLD not in outputs:
+        return [None] * rows
+    values = tf.make_ndarray(outputs[NOT_SURE_THRESHOLD])
+    if values.shape != (rows,):
+        raise InfraValidationError(f"{NOT_SURE_THRESHOLD} has shape {list(values.shape)}, expected [{rows}]")
+    return [float(v) for v in values]
 
 
 # ----- the step ---------------------------------------------------------------------------------------------
@@ -475,6 +523,7 @@ def export(
     params: ExportParams,
     images: list[bytes],
     *,
+    not_sure_threshold: float,
     card: dict[str, Any] | None = None,
     validate: bool = True,
 ) -> ExportResult:
@@ -482,9 +531,12 @@ def export(
 
     `images` are encoded sample photos: the first `warmup_images` go into the warmup records and
     the first `validation_images` are replayed through a real server before publishing.
+    `not_sure_threshold` (evaluate's, chosen on val) goes into the model card and into every row of
+    the `not_sure_threshold` output, where a client reads it.
     """
     if gate.get("blessed") is not True:
         raise ExportRefused([str(r) for r in gate.get("reasons", [])] or ["gate.json does not say blessed: true"])
+    not_sure_threshold = check_not_sure_threshold(not_sure_threshold, "export")
     if not images:
         raise ValueError("export needs at least one sample image for warmup and infra validation")
     started = time.monotonic()
@@ -499,7 +551,7 @@ def export(
     final = model_dir / str(version)
     log.info("exporting %s (image size %d, %d classes) as %s", model_path, image_size, len(class_names), final)
     with atomic_directory(final, replace=False) as staging:
-        write_saved_model(model, class_names, image_size, params.top_k, staging)
+        write_saved_model(model, class_names, image_size, params.top_k, not_sure_threshold, staging)
         write_warmup(staging, warmup_records(params.model_name, images[: params.warmup_images]))
         model_card = {
             "model_name": params.model_name,
@@ -507,8 +559,10 @@ def export(
             "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "image_size": image_size,
             "class_names": class_names,
+            NOT_SURE_THRESHOLD: not_sure_threshold,
             "signatures": {
-                SERVING_DEFAULT: "image_bytes string[batch] -> probabilities, class_ids, class_names, scores (top-k)",
+                SERVING_DEFAULT: "image_bytes string[batch] -> probabilities, class_ids, class_names, scores (top-k), "
+                f"{NOT_SURE_THRESHOLD} float32[batch]",
                 CLASSIFICATION: f"inputs: serialized tf.Example, bytes feature {IMAGE_FEATURE!r} -> classes, scores",
                 PREDICT_PIXELS: "pixels float32[batch, h, w, 3] in 0..255 -> as serving_default",
                 PREDICT_PIXELS_UINT8: "pixels uint8[batch, h, w, 3] -> as serving_default",
@@ -520,7 +574,14 @@ def export(
         }
         if validate:
             model_card["infra_validation"] = infra_validate(
-                staging, version, model, class_names, image_size, images[: params.validation_images], params
+                staging,
+                version,
+                model,
+                class_names,
+                image_size,
+                images[: params.validation_images],
+                params,
+                not_sure_threshold,
             )
             log.info("infra validation passed: %s", model_card["infra_validation"])
         else:
@@ -583,10 +644,19 @@ def main(argv: list[str] | None = None) -> int:
     all_params = load_params(args.params)
     class_names = [str(c) for c in read_json(args.class_names)]
     count = max(params.warmup_images, params.validation_images)
+    evaluation = read_json(args.evaluation)
+    if NOT_SURE_THRESHOLD not in evaluation:
+        print(
+            f"Export refused: {args.evaluation} has no {NOT_SURE_THRESHOLD}; rerun evaluate (python -m "
+            "components.evaluate chooses it on val for evaluate.target_precision)",
+            file=sys.stderr,
+        )
+        return 1
+    not_sure_threshold = check_not_sure_threshold(evaluation[NOT_SURE_THRESHOLD], str(args.evaluation))
     card = {
         "data": {"dvc_file": str(args.data_dvc), "md5": data_md5(args.data_dvc) if args.data_dvc.exists() else None},
         "params": all_params,
-        "metrics": read_json(args.evaluation),
+        "metrics": evaluation,
         "git": git_commit(),
     }
     try:
@@ -597,6 +667,7 @@ def main(argv: list[str] | None = None) -> int:
             args.output,
             params,
             sample_images(args.samples, args.images, count),
+            not_sure_threshold=not_sure_threshold,
             card=card,
             validate=not args.skip_infra_validation,
         )
@@ -610,6 +681,7 @@ def main(argv: list[str] | None = None) -> int:
                 "model_name": params.model_name,
                 "version": result.version,
                 "path": str(result.path),
+                NOT_SURE_THRESHOLD: result.card[NOT_SURE_THRESHOLD],
                 "infra_validation": result.card["infra_validation"],
                 "export_seconds": result.card["export_seconds"],
             },

@@ -6,7 +6,8 @@ Works unchanged against `make serve` and the official tensorflow/serving image:
         [--version N | --label stable] [--classify]
 
 Predict sends the encoded bytes to `serving_default` (decoding and resizing happen in the model) and
-prints the top-k classes; --classify sends a tf.Example to the `classification` signature instead.
+prints the top-k classes and whether the top one clears the version's own `not_sure_threshold` output;
+--classify sends a tf.Example to the `classification` signature instead.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
                 spec.version.value = args.version
             if args.label:
                 spec.version_label = args.label
+            threshold = None
             if args.classify:
                 response = stub.Classify(request, timeout=args.timeout)
                 top = [(c.label, c.score) for c in response.result.classifications[0].classes]
@@ -63,12 +65,17 @@ def main(argv: list[str] | None = None) -> int:
                 names = tf.make_ndarray(response.outputs["class_names"])[0]
                 scores = tf.make_ndarray(response.outputs["scores"])[0]
                 top = [(name.decode(), float(score)) for name, score in zip(names, scores, strict=True)]
+                if "not_sure_threshold" in response.outputs:  # exports before it moved into the model lack it
+                    threshold = float(tf.make_ndarray(response.outputs["not_sure_threshold"])[0])
         except grpc.RpcError as error:
             print(f"{error.code().name}: {error.details()}", file=sys.stderr)
             return 1
     print(f"model {response.model_spec.name} version {response.model_spec.version.value}")
     for label, score in top:
         print(f"  {label:<12} {score:.3f}")
+    if threshold is not None:
+        verdict = "sure" if top[0][1] >= threshold else "not sure"
+        print(f"{verdict}: top-1 {top[0][1]:.3f}, this version's not-sure threshold {threshold:.3f}")
     return 0
 
 

@@ -20,9 +20,10 @@ from tensorflow_serving.apis import prediction_log_pb2
 from components import export as export_step
 from components.common.images import decode_and_resize
 from components.export import ExportParams, InfraValidationError, export, image_size_of, next_version
-from tests.fixtures.model_server import TinyModel, export_tiny
+from tests.fixtures.model_server import NOT_SURE_THRESHOLD, TinyModel, export_tiny
 
 ROOT = Path(__file__).resolve().parents[2]
+EVALUATION = {"accuracy": 0.95, "macro_f1": 0.94, "not_sure_threshold": 0.42}
 
 
 def visible_versions(model_dir: Path) -> list[str]:
@@ -55,7 +56,7 @@ def step_inputs(tiny_model: TinyModel, tmp_path: Path) -> dict[str, Path]:
     }
     paths["class_names"].write_text(json.dumps(tiny_model.class_names))
     paths["gate"].write_text(json.dumps({"blessed": True, "reasons": ["accuracy 0.95 >= 0.85"]}))
-    paths["evaluation"].write_text(json.dumps({"accuracy": 0.95, "macro_f1": 0.94}))
+    paths["evaluation"].write_text(json.dumps(EVALUATION))
     paths["params"].write_text(yaml.safe_dump(params))
     return paths
 
@@ -94,7 +95,8 @@ def test_export_cli_publishes_an_infra_validated_version_with_its_model_card(ste
 
     card = json.loads((version / "model_card.json").read_text())
     assert card["version"] == 1
-    assert card["metrics"] == {"accuracy": 0.95, "macro_f1": 0.94}
+    assert card["metrics"] == EVALUATION
+    assert card["not_sure_threshold"] == 0.42  # evaluate's, chosen on val
     assert card["gate"] == {"blessed": True, "reasons": ["accuracy 0.95 >= 0.85"]}
     assert card["data"]["md5"] == yaml.safe_load((ROOT / "data.dvc").read_text())["outs"][0]["md5"]
     assert card["params"]["export"]["validation_images"] == 4
@@ -104,12 +106,32 @@ def test_export_cli_publishes_an_infra_validated_version_with_its_model_card(ste
     validation = card["infra_validation"]
     assert validation["images"] == 4
     assert max(validation["max_abs_difference"].values()) <= validation["tolerance"]
+    assert validation["not_sure_threshold"] == pytest.approx(0.42)  # served over gRPC and REST, every row
+    photos = [path.read_bytes() for path in sorted(step_inputs["samples"].glob("*.jpg"))]
+    served = tf.saved_model.load(str(version)).signatures["serving_default"](image_bytes=tf.constant(photos))
+    np.testing.assert_array_equal(served["not_sure_threshold"].numpy(), np.full(len(photos), 0.42, np.float32))
 
     records = [prediction_log_pb2.PredictionLog.FromString(r.numpy()) for r in tf.data.TFRecordDataset(
         str(version / "assets.extra" / "tf_serving_warmup_requests"))]  # fmt: skip
     assert [r.WhichOneof("log_type") for r in records] == ["predict_log", "predict_log", "classify_log"]
     report = json.loads(step_inputs["report"].read_text())
-    assert (report["version"], report["path"]) == (1, str(version))
+    assert (report["version"], report["path"], report["not_sure_threshold"]) == (1, str(version), 0.42)
+
+
+def test_export_refuses_an_evaluation_without_a_not_sure_threshold(step_inputs, capsys) -> None:
+    step_inputs["evaluation"].write_text(json.dumps({"accuracy": 0.95, "macro_f1": 0.94}))  # an older evaluate
+    assert export_step.main(cli_args(step_inputs)) == 1
+    assert "has no not_sure_threshold; rerun evaluate" in capsys.readouterr().err
+    assert not step_inputs["output"].exists() and not step_inputs["report"].exists()
+
+
+def test_a_not_sure_threshold_that_is_not_a_probability_is_refused(tiny_model: TinyModel, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="must be a probability in \\[0, 1\\], got 1.5"):
+        export(
+            tiny_model.keras_model, tiny_model.class_names, {"blessed": True, "reasons": []}, tmp_path,
+            ExportParams(), tiny_model.images(), not_sure_threshold=1.5, validate=False,
+        )  # fmt: skip
+    assert not (tmp_path / "productlens").exists()
 
 
 def test_a_killed_export_leaves_no_visible_version(step_inputs, tiny_model: TinyModel, tmp_path: Path) -> None:
@@ -152,7 +174,7 @@ def test_failed_infra_validation_publishes_nothing(tiny_model: TinyModel, tmp_pa
     with pytest.raises(InfraValidationError, match="differ from the Keras model"):
         export(
             tiny_model.keras_model, tiny_model.class_names, {"blessed": True, "reasons": []}, tmp_path, impossible,
-            tiny_model.images(),
+            tiny_model.images(), not_sure_threshold=0.5,
         )  # fmt: skip
     assert visible_versions(tmp_path / "productlens") == []
     assert os.listdir(tmp_path / "productlens") == []
@@ -169,6 +191,26 @@ def test_serving_default_decodes_like_training_and_matches_keras(exported: Path,
     top = [names[0].decode() for names in served["class_names"].numpy()]
     assert top == [name for name in tiny_model.class_names]  # one photo per class, each recognised
     assert served["class_ids"].dtype == tf.int64 and served["scores"].shape == (len(images), 3)
+
+
+def test_every_predict_signature_carries_the_not_sure_threshold_in_every_row(
+    exported: Path, tiny_model: TinyModel
+) -> None:
+    signatures = tf.saved_model.load(str(exported)).signatures
+    images = tiny_model.images()
+    pixels = tf.stack([decode_and_resize(tf.constant(b), 40) for b in images[:3]])
+    answers = {
+        "serving_default": signatures["serving_default"](image_bytes=tf.constant(images)),
+        "predict_pixels": signatures["predict_pixels"](pixels=pixels),
+        "predict_pixels_uint8": signatures["predict_pixels_uint8"](pixels=tf.cast(tf.round(pixels), tf.uint8)),
+    }
+    for name, answer in answers.items():
+        rows = answer["probabilities"].shape[0]
+        threshold = answer["not_sure_threshold"]
+        assert threshold.dtype == tf.float32 and threshold.shape == (rows,), name
+        np.testing.assert_array_equal(threshold.numpy(), np.full(rows, NOT_SURE_THRESHOLD, np.float32))
+    # The Classify API's signature keeps TF Serving's classification outputs only.
+    assert set(signatures["classification"].structured_outputs) == {"classes", "scores"}
 
 
 @pytest.mark.parametrize("payload", [b"", b"definitely not an image", b"\xff\xd8\xff\xe0" + b"\x00" * 64])

@@ -37,6 +37,7 @@ from tensorflow_serving.apis import (
 from tests.fixtures.model_server import sample_images
 
 SIGNATURES = {"serving_default", "classification", "predict_pixels", "predict_pixels_uint8"}
+PREDICT_OUTPUTS = {"probabilities", "class_ids", "class_names", "scores", "not_sure_threshold"}
 TIMEOUT = 30
 
 
@@ -136,7 +137,7 @@ def test_grpc_predict_equals_in_process(target: Target, predictions, in_process,
     expected = in_process["serving_default"](image_bytes=tf.constant(target.images))
     single = [predictions.Predict(predict_request(target, [image]), timeout=TIMEOUT) for image in target.images]
     batch = predictions.Predict(predict_request(target, target.images), timeout=TIMEOUT)
-    for name in ("probabilities", "scores"):
+    for name in ("probabilities", "scores", "not_sure_threshold"):
         want = expected[name].numpy()
         np.testing.assert_allclose(np.concatenate([tf.make_ndarray(r.outputs[name]) for r in single]), want, atol=1e-5)
         np.testing.assert_allclose(tf.make_ndarray(batch.outputs[name]), want, atol=1e-5)
@@ -167,6 +168,9 @@ def test_rest_row_and_columnar_predict_equal_in_process(target: Target, in_proce
     assert [p["class_names"] for p in predictions] == [
         [c.decode() for c in row] for row in expected["class_names"].numpy()
     ]
+    np.testing.assert_allclose(
+        [p["not_sure_threshold"] for p in predictions], expected["not_sure_threshold"].numpy(), atol=1e-7
+    )
     columns = requests.post(
         target.url(":predict"),
         json={"signature_name": "serving_default", "inputs": {"image_bytes": [b64(i) for i in target.images]}},
@@ -176,6 +180,28 @@ def test_rest_row_and_columnar_predict_equal_in_process(target: Target, in_proce
     np.testing.assert_allclose(
         np.asarray(columns.json()["outputs"]["probabilities"], np.float32), expected["probabilities"].numpy(), atol=1e-5
     )
+    np.testing.assert_allclose(
+        columns.json()["outputs"]["not_sure_threshold"], expected["not_sure_threshold"].numpy(), atol=1e-7
+    )
+
+
+def test_every_predict_answer_carries_the_models_not_sure_threshold(target: Target, predictions, in_process) -> None:
+    """One value per image, the same in every row, also when the server batches concurrent requests together."""
+    one = in_process["serving_default"](image_bytes=tf.constant(target.images[:1]))
+    threshold = float(one["not_sure_threshold"][0])
+    assert 0.0 <= threshold <= 1.0
+
+    def call(size: int) -> np.ndarray:
+        images = [target.images[i % len(target.images)] for i in range(size)]
+        return tf.make_ndarray(predictions.Predict(predict_request(target, images), timeout=TIMEOUT).outputs[
+            "not_sure_threshold"])  # fmt: skip
+
+    sizes = [1, 2, 3] * 8
+    with ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(call, sizes))
+    for size, answer in zip(sizes, answers, strict=True):
+        assert answer.dtype == np.float32 and answer.shape == (size,)
+        np.testing.assert_array_equal(answer, np.full(size, threshold, np.float32))
 
 
 def test_classify_returns_the_top_k_labels_over_grpc_and_rest(target: Target, predictions, in_process) -> None:
@@ -209,9 +235,12 @@ def test_predict_pixels_gives_the_same_answer_as_image_bytes(target: Target, pre
     request.model_spec.name = target.model_name
     request.model_spec.signature_name = "predict_pixels"
     request.inputs["pixels"].CopyFrom(tf.make_tensor_proto(pixels))
-    served = tf.make_ndarray(predictions.Predict(request, timeout=TIMEOUT).outputs["probabilities"])
-    np.testing.assert_allclose(
-        served, in_process["predict_pixels"](pixels=tf.constant(pixels))["probabilities"], atol=1e-5
+    outputs = predictions.Predict(request, timeout=TIMEOUT).outputs
+    served = tf.make_ndarray(outputs["probabilities"])
+    in_process_answer = in_process["predict_pixels"](pixels=tf.constant(pixels))
+    np.testing.assert_allclose(served, in_process_answer["probabilities"], atol=1e-5)
+    np.testing.assert_array_equal(
+        tf.make_ndarray(outputs["not_sure_threshold"]), in_process_answer["not_sure_threshold"].numpy()
     )
     request.model_spec.signature_name = "predict_pixels_uint8"
     request.inputs["pixels"].CopyFrom(tf.make_tensor_proto(pixels.round().astype(np.uint8)))
@@ -229,7 +258,13 @@ def test_metadata_shows_the_signatures(target: Target, predictions) -> None:
     assert SIGNATURES <= set(signatures.signature_def)
     default = signatures.signature_def["serving_default"]
     assert set(default.inputs) == {"image_bytes"}
-    assert set(default.outputs) == {"probabilities", "class_ids", "class_names", "scores"}
+    assert set(default.outputs) == PREDICT_OUTPUTS
+    threshold = default.outputs["not_sure_threshold"]
+    assert threshold.dtype == tf.float32.as_datatype_enum
+    assert [d.size for d in threshold.tensor_shape.dim] == [-1]  # [batch]: batchable like every other output
+    for name in ("predict_pixels", "predict_pixels_uint8"):
+        assert set(signatures.signature_def[name].outputs) == PREDICT_OUTPUTS
+    assert set(signatures.signature_def["classification"].outputs) == {"classes", "scores"}
     assert signatures.signature_def["classification"].method_name == "tensorflow/serving/classify"
 
     rest = requests.get(target.url("/metadata"), timeout=TIMEOUT)

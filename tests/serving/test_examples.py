@@ -34,6 +34,12 @@ def test_grpc_client_script_prints_the_top_classes(model_server: ModelServerHand
     lines = completed.stdout.splitlines()
     assert lines[0] == f"model productlens version {model_server.version}"
     assert lines[1].split()[0] == "keyboard"
+    top = float(lines[1].split()[1])
+    verdict = "sure" if top >= model_server.not_sure_threshold else "not sure"
+    assert (
+        lines[-1]
+        == f"{verdict}: top-1 {top:.3f}, this version's not-sure threshold {model_server.not_sure_threshold:.3f}"
+    )
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")

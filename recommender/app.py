@@ -37,7 +37,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from recommender import kb
-from recommender.client import ModelServerError, ModelUnavailableError, PredictionClient
+from recommender.client import IncompatibleModelError, ModelServerError, ModelUnavailableError, PredictionClient
 from recommender.params import load_recommender_params
 from recommender.ranking import SORTS, PreferenceError, Preferences, ProductRow
 from recommender.service import ImageRejected, Recommender, Timings, check_image, facts_dict
@@ -194,6 +194,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def model_down(request: Request, error: ModelUnavailableError) -> JSONResponse:
         log.warning("model server unavailable: %s", error)
         return problem(503, f"The product recognition service is unavailable, try again shortly ({error.details}).")
+
+    @app.exception_handler(IncompatibleModelError)
+    async def model_incompatible(request: Request, error: IncompatibleModelError) -> JSONResponse:
+        log.error("the served model cannot be used: %s", error)
+        return problem(503, f"The model server serves a model this service cannot use: {error.details}")
 
     @app.exception_handler(ModelServerError)
     async def model_error(request: Request, error: ModelServerError) -> JSONResponse:

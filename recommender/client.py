@@ -3,6 +3,9 @@
 Works against `python -m serving.server` and a real tensorflow_model_server alike: the request
 names the model, the signature and (optionally) a version or a version label; every call has a
 deadline; only UNAVAILABLE (server starting, restarting, unreachable) is retried, with backoff.
+
+Each answer carries the served version's own "not sure" threshold (its `not_sure_threshold` output,
+chosen by evaluate on val): a model without it is an error, never a silent default.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ INPUT_NAME = "image_bytes"
 PROBABILITIES = "probabilities"
 CLASS_NAMES = "class_names"
 SCORES = "scores"
+NOT_SURE_THRESHOLD = "not_sure_threshold"
 DT_STRING = 7  # tensorflow.DataType.DT_STRING; the proto enum, without importing TensorFlow's Python API
 DT_FLOAT = 1
 DT_DOUBLE = 2
@@ -46,6 +50,14 @@ class ModelUnavailableError(ModelServerError):
     """The model server cannot be reached or did not answer in time (after the retries)."""
 
 
+class IncompatibleModelError(ModelServerError):
+    """The served model answers, but not with the outputs this client needs (e.g. an export from before
+    the model carried its not-sure threshold)."""
+
+    def __init__(self, message: str):
+        super().__init__(grpc.StatusCode.FAILED_PRECONDITION, message)
+
+
 @dataclass(frozen=True)
 class ClassScore:
     class_name: str
@@ -54,11 +66,13 @@ class ClassScore:
 
 @dataclass(frozen=True)
 class Prediction:
-    """Top-k classes of one image, most probable first, and the model version that answered."""
+    """Top-k classes of one image, most probable first, the model version that answered, and that
+    version's not-sure threshold (a top-1 probability under it means "not sure")."""
 
     top_k: list[ClassScore]
     model_name: str
     model_version: int | None
+    not_sure_threshold: float
 
     @property
     def top(self) -> ClassScore:
@@ -188,6 +202,26 @@ class PredictionClient:
     def predict_one(self, image: bytes, top_k: int = 3) -> Prediction:
         return self.predict([image], top_k)[0]
 
+    def _missing_threshold(self, version: int | None) -> IncompatibleModelError:
+        served = f"model '{self.model_name}'" + (f" version {version}" if version is not None else "")
+        return IncompatibleModelError(
+            f"{served} (signature '{self.signature_name}') has no '{NOT_SURE_THRESHOLD}' output: it was exported "
+            "before each model carried its own not-sure threshold. Export it again with `python -m "
+            "components.export` (evaluate writes the threshold to metrics/evaluate.json) or serve a newer version."
+        )
+
+    def _not_sure_thresholds(self, outputs: Any, count: int, version: int | None) -> np.ndarray:
+        """The served not-sure threshold of each image: one value per row, each a probability."""
+        if NOT_SURE_THRESHOLD not in outputs:
+            raise self._missing_threshold(version)
+        values = tensor_to_array(outputs[NOT_SURE_THRESHOLD]).astype(np.float64).reshape(-1)
+        if values.size != count or not np.all((values >= 0.0) & (values <= 1.0)):
+            raise IncompatibleModelError(
+                f"model '{self.model_name}' answered {values.size} '{NOT_SURE_THRESHOLD}' values for {count} "
+                f"image(s), expected one probability per image: {values.tolist()[:8]}"
+            )
+        return values
+
     def _predictions(self, response: Any, count: int, top_k: int) -> list[Prediction]:
         """Pair class names with their scores: `scores` when it has the names' shape (top-k order, as
         TF Serving's classify convention), else `probabilities` (class-index order), then sort."""
@@ -212,25 +246,38 @@ class PredictionClient:
             names = np.tile(names.reshape(1, -1), (count, 1))
         names = names.reshape(count, -1)
         version = response.model_spec.version.value if response.model_spec.HasField("version") else None
+        thresholds = self._not_sure_thresholds(outputs, count, version)
         predictions = []
-        for row_values, row_names in zip(values, names, strict=True):
+        for row_values, row_names, threshold in zip(values, names, thresholds, strict=True):
             order = np.argsort(-row_values, kind="stable")[:top_k]
             predictions.append(
                 Prediction(
                     [ClassScore(_text(row_names[i]), float(row_values[i])) for i in order],
                     response.model_spec.name or self.model_name,
                     version,
+                    float(threshold),
                 )
             )
         return predictions
 
     def model_metadata(self, timeout_s: float | None = None) -> dict[str, Any]:
-        """The model's served version and signature names (a cheap liveness check of model + server)."""
+        """The model's served version (a cheap liveness check of model + server); raises IncompatibleModelError
+        when the signature this client calls is missing or has no not-sure threshold output."""
         request = get_model_metadata_pb2.GetModelMetadataRequest()
         self._model_spec(request.model_spec, signature=False)
         request.metadata_field.append("signature_def")
         response = self._call("GetModelMetadata", self._stub.GetModelMetadata, request, timeout_s)
         version = response.model_spec.version.value if response.model_spec.HasField("version") else None
+        signatures = get_model_metadata_pb2.SignatureDefMap()
+        response.metadata["signature_def"].Unpack(signatures)
+        signature = signatures.signature_def.get(self.signature_name)
+        if signature is None:
+            raise IncompatibleModelError(
+                f"model '{self.model_name}' has no signature '{self.signature_name}'; it has "
+                f"{sorted(signatures.signature_def)}"
+            )
+        if NOT_SURE_THRESHOLD not in signature.outputs:
+            raise self._missing_threshold(version)
         return {"model": response.model_spec.name or self.model_name, "version": version}
 
 

@@ -1,4 +1,8 @@
-"""The `recommender:` section of params.yaml, typed."""
+"""The `recommender:` section of params.yaml, typed.
+
+The "not sure" threshold is not here: each served model version carries its own (evaluate chooses it
+on val), and the client reads it from every answer.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +17,6 @@ class RecommenderParams:
     class_to_category: dict[str, str | None]
     multi_word_brands: list[str] = field(default_factory=list)
     value_specs: dict[str, list[str]] = field(default_factory=dict)
-    min_confidence: float = 0.6
     uncertain_max_categories: int = 3
     uncertain_min_probability: float = 0.1
     top_k_classes: int = 3

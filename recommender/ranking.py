@@ -312,17 +312,18 @@ def _article(word: str) -> str:
 def choose_categories(
     top_k: Sequence[ClassProbability],
     class_to_category: Mapping[str, str | None],
-    min_confidence: float,
+    not_sure_threshold: float,
     max_categories: int = 3,
     min_probability: float = 0.1,
 ) -> tuple[bool, list[CategoryChoice]]:
     """Which categories to recommend from: the top class's, or, when the top-1 probability is under
-    `min_confidence`, the top 2 classes plus up to `max_categories` in all with at least `min_probability`.
+    `not_sure_threshold` (the served model's own), the top 2 classes plus up to `max_categories` in all
+    with at least `min_probability`.
     """
     if not top_k:
         raise ValueError("a prediction needs at least one class")
     ordered = sorted(top_k, key=lambda c: c.probability, reverse=True)
-    uncertain = ordered[0].probability < min_confidence
+    uncertain = ordered[0].probability < not_sure_threshold
     if uncertain:
         picked = ordered[:2] + [c for c in ordered[2 : max(2, max_categories)] if c.probability >= min_probability]
     else:
@@ -355,19 +356,25 @@ def recommend(
     rows_by_category: Mapping[str, Sequence[ProductRow]],
     preferences: Preferences,
     class_to_category: Mapping[str, str | None],
-    min_confidence: float,
+    not_sure_threshold: float,
     max_products: int = 10,
     max_categories: int = 3,
     min_probability: float = 0.1,
 ) -> RecommendationResult:
-    """Join a class distribution with catalog rows: ranked, explained and (when uncertain) labelled products."""
-    uncertain, choices = choose_categories(top_k, class_to_category, min_confidence, max_categories, min_probability)
+    """Join a class distribution with catalog rows: ranked, explained and (when uncertain) labelled products.
+
+    `not_sure_threshold` is the served model's: a top-1 probability under it means "uncertain".
+    """
+    uncertain, choices = choose_categories(
+        top_k, class_to_category, not_sure_threshold, max_categories, min_probability
+    )
     ordered = sorted(top_k, key=lambda c: c.probability, reverse=True)
     messages: list[str] = []
     if uncertain:
         messages.append(
             f"Not sure what this is: the best guess, {ordered[0].class_name}, has only "
-            f"{ordered[0].probability:.0%} confidence. Showing candidates from the top {len(choices)} categories."
+            f"{ordered[0].probability:.0%} confidence, under this model's not-sure threshold of "
+            f"{not_sure_threshold:.0%}. Showing candidates from the top {len(choices)} categories."
         )
     with_catalog = [c for c in choices if c.category is not None]
     messages += [no_catalog_message(c) for c in choices if c.category is None]

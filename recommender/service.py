@@ -147,8 +147,10 @@ class Recommender:
         mapping = self.class_to_category()
         params = self.params
         top_k = [ClassProbability(c.class_name, c.probability) for c in prediction.top_k]
+        # The served version's own threshold, so a new model version brings its own notion of "not sure".
+        threshold = prediction.not_sure_threshold
         _, choices = choose_categories(
-            top_k, mapping, params.min_confidence, params.uncertain_max_categories, params.uncertain_min_probability
+            top_k, mapping, threshold, params.uncertain_max_categories, params.uncertain_min_probability
         )
         categories = list(dict.fromkeys(c.category for c in choices if c.category))
         with timings.hop("db"):
@@ -163,7 +165,7 @@ class Recommender:
                 rows,
                 preferences,
                 mapping,
-                params.min_confidence,
+                threshold,
                 params.max_products,
                 params.uncertain_max_categories,
                 params.uncertain_min_probability,
@@ -192,6 +194,7 @@ def response_dict(
                 for c in prediction.top_k[:top_k_classes]
             ],
             "model": {"name": prediction.model_name, "version": prediction.model_version},
+            "not_sure_threshold": prediction.not_sure_threshold,
         },
         "category": result.category,
         "uncertain": result.uncertain,

@@ -10,13 +10,12 @@ from pathlib import Path
 
 import pytest
 import requests
-import yaml
 from PIL import Image
 
 from recommender.app import Settings, create_app
 from tests.conftest import REPO_ROOT
 from tests.fixtures.knowledge_base import BuiltKb, free_port, serve_app
-from tests.fixtures.model_server import ModelServerHandle
+from tests.fixtures.model_server import LENIENT_THRESHOLD, STRICT_THRESHOLD, ModelServerHandle, ThresholdVersions
 
 pytestmark = pytest.mark.e2e
 
@@ -63,6 +62,7 @@ def test_photo_gives_prediction_category_facts_and_explained_recommendations(
     assert answer["prediction"]["class"] == "mouse"
     assert answer["prediction"]["confidence"] > 0.6
     assert answer["prediction"]["model"] == {"name": "productlens", "version": model_server.version}
+    assert answer["prediction"]["not_sure_threshold"] == pytest.approx(model_server.not_sure_threshold)
     top_k = answer["prediction"]["top_k"]
     assert len(top_k) == 3 and top_k[0] == {
         "class": "mouse",
@@ -92,21 +92,49 @@ def test_class_without_catalog_answers_with_a_message(api: str, model_server: Mo
     assert "no microphone catalog" in answer["messages"][0]
 
 
-def test_low_confidence_is_uncertain_with_labelled_candidates(
-    real_kb: BuiltKb, model_server: ModelServerHandle, tmp_path: Path
+def test_uncertain_comes_from_the_served_models_threshold_not_from_a_setting(
+    real_kb: BuiltKb, threshold_versions: ThresholdVersions
 ) -> None:
-    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
-    params["recommender"]["min_confidence"] = 0.999
-    strict = tmp_path / "params.yaml"
-    strict.write_text(yaml.safe_dump(params))
-    with serve_app(create_app(settings_for(real_kb, model_server.grpc_address, strict))) as url:
-        answer = post(url, photo(model_server, "keyboard"), sort="cheapest").json()
-    assert answer["uncertain"] is True and answer["category"] is None
-    assert len(answer["candidates"]) >= 2
-    assert answer["candidates"][0]["label"].startswith("possibly a keyboard (")
-    labels = {p["label"] for p in answer["products"]}
-    assert any(label.startswith("possibly a keyboard") for label in labels)
-    assert "Not sure what this is" in answer["messages"][0]
+    """Two exports of the same model with different thresholds, the same photo and the same params.yaml:
+    the version with the higher threshold is not sure, the other is."""
+    image = threshold_versions.sample_images["keyboard"][0]
+    answers = {}
+    for version in (threshold_versions.lenient, threshold_versions.strict):
+        settings = settings_for(real_kb, threshold_versions.grpc_address, model_version=version)
+        with serve_app(create_app(settings)) as url:
+            response = post(url, image, sort="cheapest")
+        assert response.status_code == 200, response.text
+        answers[version] = response.json()
+    lenient, strict = answers[threshold_versions.lenient], answers[threshold_versions.strict]
+    confidence = lenient["prediction"]["confidence"]
+    assert strict["prediction"]["confidence"] == confidence and lenient["prediction"]["class"] == "keyboard"
+    assert LENIENT_THRESHOLD <= confidence < STRICT_THRESHOLD, "the photo must fall between the two thresholds"
+
+    assert lenient["prediction"]["not_sure_threshold"] == pytest.approx(LENIENT_THRESHOLD)
+    assert lenient["uncertain"] is False and lenient["category"] == "keyboard"
+    assert strict["prediction"]["not_sure_threshold"] == pytest.approx(STRICT_THRESHOLD)
+    assert strict["uncertain"] is True and strict["category"] is None
+    assert len(strict["candidates"]) >= 2
+    assert strict["candidates"][0]["label"].startswith("possibly a keyboard (")
+    assert any(p["label"].startswith("possibly a keyboard") for p in strict["products"])
+    assert strict["messages"][0].startswith("Not sure what this is")
+    assert f"under this model's not-sure threshold of {STRICT_THRESHOLD:.0%}" in strict["messages"][0]
+
+
+def test_a_model_without_a_not_sure_threshold_is_a_clear_503(
+    real_kb: BuiltKb, threshold_versions: ThresholdVersions
+) -> None:
+    settings = settings_for(real_kb, threshold_versions.grpc_address, model_version=threshold_versions.legacy)
+    with serve_app(create_app(settings)) as url:
+        response = post(url, threshold_versions.sample_images["keyboard"][0])
+        health = requests.get(f"{url}/healthz", timeout=10)
+    assert response.status_code == 503
+    detail = response.json()["detail"]
+    assert detail.startswith("The model server serves a model this service cannot use: model 'productlens' version")
+    assert "has no 'not_sure_threshold' output" in detail and "python -m components.export" in detail
+    assert_no_stack_trace(response)
+    assert health.status_code == 503
+    assert health.json()["model"]["ok"] is False and "not_sure_threshold" in health.json()["model"]["detail"]
 
 
 def test_non_image_upload_is_refused_with_415(api: str) -> None:
@@ -234,3 +262,21 @@ def test_cli_recommend_and_kb_search_print_tables(
     assert main(["--db-url", real_kb.url, "recommend", str(tmp_path / "missing.jpg")]) == 2
     assert main(["--db-url", real_kb.url, "kb", "search", "rtx 4070", "--json", "--limit", "1"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["category"] == "video-card"
+
+
+def test_cli_refuses_a_model_without_a_not_sure_threshold(
+    real_kb: BuiltKb, threshold_versions: ThresholdVersions, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from recommender.cli import main
+
+    image = tmp_path / "keyboard.jpg"
+    image.write_bytes(threshold_versions.sample_images["keyboard"][0])
+    assert threshold_versions.legacy > threshold_versions.strict  # the latest version, which the CLI asks for
+    args = ["--db-url", real_kb.url, "recommend", str(image), "--model-grpc", threshold_versions.grpc_address]
+    assert main(args) == 3
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f"error: model server: FAILED_PRECONDITION: model 'productlens' version {threshold_versions.legacy} "
+        "(signature 'serving_default')"
+    )
+    assert "has no 'not_sure_threshold' output" in err

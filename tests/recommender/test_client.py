@@ -1,13 +1,14 @@
-"""The gRPC client against our model server on 127.0.0.1: top-k, explicit model spec, deadlines, retries."""
+"""The gRPC client against our model server on 127.0.0.1: top-k, the served version's not-sure threshold,
+explicit model spec, deadlines, retries."""
 
 from __future__ import annotations
 
 import grpc
 import pytest
 
-from recommender.client import ModelServerError, ModelUnavailableError, PredictionClient
+from recommender.client import IncompatibleModelError, ModelServerError, ModelUnavailableError, PredictionClient
 from tests.fixtures.knowledge_base import free_port
-from tests.fixtures.model_server import ModelServerHandle
+from tests.fixtures.model_server import LENIENT_THRESHOLD, STRICT_THRESHOLD, ModelServerHandle, ThresholdVersions
 
 pytestmark = pytest.mark.e2e
 
@@ -20,6 +21,36 @@ def test_top_k_classes_with_probabilities_for_a_batch(model_server: ModelServerH
     assert len(gpu.top_k) == 3 and gpu.model_version == model_server.version
     probabilities = [c.probability for c in gpu.top_k]
     assert probabilities == sorted(probabilities, reverse=True) and 0 < sum(probabilities) <= 1.0 + 1e-6
+    assert gpu.not_sure_threshold == webcam.not_sure_threshold == pytest.approx(model_server.not_sure_threshold)
+
+
+def test_each_model_version_answers_with_its_own_not_sure_threshold(threshold_versions: ThresholdVersions) -> None:
+    image = threshold_versions.sample_images["keyboard"][0]
+    served = {}
+    for version in (threshold_versions.lenient, threshold_versions.strict):
+        with PredictionClient(threshold_versions.grpc_address, version=version) as client:
+            served[version] = client.predict_one(image)
+    lenient, strict = served[threshold_versions.lenient], served[threshold_versions.strict]
+    assert lenient.not_sure_threshold == pytest.approx(LENIENT_THRESHOLD)
+    assert strict.not_sure_threshold == pytest.approx(STRICT_THRESHOLD)
+    assert lenient.top_k == strict.top_k  # the same model: only the threshold differs
+
+
+def test_a_model_without_a_not_sure_threshold_is_an_error_not_a_default(threshold_versions: ThresholdVersions) -> None:
+    sleeps: list[float] = []
+    legacy = threshold_versions.legacy
+    with PredictionClient(threshold_versions.grpc_address, version=legacy, sleep=sleeps.append) as client:
+        with pytest.raises(IncompatibleModelError) as predicted:
+            client.predict_one(threshold_versions.sample_images["keyboard"][0])
+        with pytest.raises(IncompatibleModelError) as described:
+            client.model_metadata()
+    for error in (predicted.value, described.value):
+        assert error.code == grpc.StatusCode.FAILED_PRECONDITION
+        assert f"model 'productlens' version {legacy} (signature 'serving_default') has no 'not_sure_threshold'" in str(
+            error
+        )
+        assert "python -m components.export" in error.details
+    assert sleeps == []
 
 
 def test_unknown_model_or_version_is_not_found_without_retry(model_server: ModelServerHandle) -> None:

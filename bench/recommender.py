@@ -100,6 +100,7 @@ def stand_in_model(workdir: Path, photos: list[bytes]) -> Path:
         workdir / "models",
         ExportParams(),
         photos,
+        not_sure_threshold=0.5,  # the stand-in's answers are timed, not judged
         validate=False,
     )
     return result.path.parent

@@ -52,7 +52,7 @@ import pandas as pd
 import tensorflow as tf
 import yaml
 
-from components.common.images import decode_and_resize
+from components.common.images import decode_and_resize, fit_to_square
 from components.common.io import atomic_directory, atomic_write_json, read_json, sha256_of_file
 from components.common.params import build, load_params, section
 
@@ -144,10 +144,7 @@ def build_archive(
 
     def resize_pixels(pixels: tf.Tensor) -> tf.Tensor:
         # The same resize as decode_and_resize, so decoded pixels and image bytes give equal answers.
-        resized = tf.image.resize(
-            tf.cast(pixels, tf.float32), [image_size, image_size], method="bilinear", antialias=True
-        )
-        return tf.cast(resized, tf.float32)
+        return fit_to_square(pixels, image_size)
 
     def answer(pixels: tf.Tensor) -> dict[str, tf.Tensor]:
         probabilities = tf.cast(model(pixels, training=False), tf.float32)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from components.common.reviews import REVIEW_COLUMNS
 from pipelines.steps import apply_overrides
 from tests.conftest import REPO_ROOT
 from tests.fixtures.pipeline_data import TINY_OVERRIDES, write_tiny_data
@@ -20,9 +21,9 @@ from tests.fixtures.pipeline_data import TINY_OVERRIDES, write_tiny_data
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 STAGES = list(yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"])
-UPSTREAM_OF_TRAIN = {"validate", "preprocess", "build_kb"}
+UPSTREAM_OF_TRAIN = {"validate", "preprocess", "audit_labels", "build_kb"}
 # Outputs of the real dataset's pipeline, never copied: the copy makes its own from the tiny data.
-NOT_COPIED = ("data.dvc", "dvc.lock", "metrics/", "plots/", ".notes/")
+NOT_COPIED = ("data.dvc", "dvc.lock", "metrics/", "plots/", ".notes/", "labels/reviews.csv")
 
 
 def project_files() -> list[str]:
@@ -65,6 +66,9 @@ def project(tmp_path_factory) -> Path:
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO_ROOT / name, root / name)
     write_tiny_data(root / "data")
+    # The tiny images have not been reviewed: a reviews file with its header only.
+    (root / "labels").mkdir(exist_ok=True)
+    (root / "labels" / "reviews.csv").write_text(",".join(REVIEW_COLUMNS) + "\n", encoding="utf-8")
     params = apply_overrides(yaml.safe_load((root / "params.yaml").read_text(encoding="utf-8")), TINY_OVERRIDES)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
     (root / ".gitignore").write_text((root / ".gitignore").read_text(encoding="utf-8") + "/data/\n", encoding="utf-8")

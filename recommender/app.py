@@ -202,9 +202,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(ModelServerError)
     async def model_error(request: Request, error: ModelServerError) -> JSONResponse:
-        log.warning("model server error: %s", error)
+        log.warning("model server error: %s: %s", error.code.name, error.server_details)
         if error.code.name == "INVALID_ARGUMENT":
-            return problem(422, f"The model could not read this image: {error.details}")
+            reason = error.details.rstrip(".")
+            return problem(422, f"The image could not be decoded ({reason}): upload a complete, undamaged photo.")
         if error.code.name == "NOT_FOUND":
             return problem(503, f"The model server does not serve the configured model: {error.details}")
         return problem(502, f"The model server failed on this request ({error.code.name}): {error.details}")

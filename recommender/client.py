@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -37,13 +38,34 @@ DT_DOUBLE = 2
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
-class ModelServerError(RuntimeError):
-    """The model server answered with an error a caller should report (bad image, unknown model, ...)."""
+# TensorFlow's runtime decorations of an op error: where it happened, not what went wrong.
+_TF_NODE = re.compile(r"\s*\[\[[^\]]*\]\]")  # [[{{node map/while/DecodeImage}}]], [[StatefulPartitionedCall]]
+_TF_FUNCTION = re.compile(r"\{\{function_node [^}]*\}\}\s*")  # {{function_node __inference_...}}
+_TF_CPP_CALL = re.compile(r"\b\w+::\w+ failed\.\s*")  # jpeg::Uncompress failed.
+_TF_NOISE_LINE = re.compile(r"^(Graph execution error:|Detected at node\b.*|<stack traces unavailable>)$")
 
-    def __init__(self, code: grpc.StatusCode, message: str):
+
+def without_tensorflow_internals(details: str) -> str:
+    """The first line of a model server's error that says what went wrong, without TensorFlow's node names,
+    function names or C++ call sites (tensorflow_model_server appends them to every op error)."""
+    text = _TF_FUNCTION.sub("", _TF_NODE.sub("", details))
+    lines = [_TF_CPP_CALL.sub("", line).strip() for line in text.splitlines()]
+    kept = [line for line in lines if line and not _TF_NOISE_LINE.match(line)]
+    return kept[0] if kept else "no reason given"
+
+
+class ModelServerError(RuntimeError):
+    """The model server answered with an error a caller should report (bad image, unknown model, ...).
+
+    `details` is the server's message without TensorFlow internals (what a user may see); `server_details`
+    is the message exactly as the server sent it (for logs).
+    """
+
+    def __init__(self, code: grpc.StatusCode, message: str, server_details: str | None = None):
         super().__init__(f"model server: {code.name}: {message}")
         self.code = code
         self.details = message
+        self.server_details = message if server_details is None else server_details
 
 
 class ModelUnavailableError(ModelServerError):
@@ -188,7 +210,7 @@ class PredictionClient:
                     raise ModelUnavailableError(
                         code, f"the model server at {self.target} did not answer within {timeout:.1f}s"
                     ) from error
-                raise ModelServerError(code, details) from error
+                raise ModelServerError(code, without_tensorflow_internals(details), details) from error
         raise AssertionError("unreachable")
 
     def predict(self, images: Sequence[bytes], top_k: int = 3) -> list[Prediction]:

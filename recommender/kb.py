@@ -170,7 +170,15 @@ def _row(mapping: Any) -> ProductRow:
     )
 
 
+# products.id is SQL INTEGER (32-bit on PostgreSQL) and build_kb numbers products from 1.
+MAX_PRODUCT_ID = 2**31 - 1
+
+
 def get_product(conn: Connection, product_id: int) -> ProductRow | None:
+    """The product with this id, or None; an id no product can have (under 1, over MAX_PRODUCT_ID) is not
+    sent to the database, whose driver would fail on it (SQLite: OverflowError, PostgreSQL: out of range)."""
+    if not 1 <= product_id <= MAX_PRODUCT_ID:
+        return None
     found = conn.execute(select(*PRODUCT_COLUMNS).where(Product.id == product_id)).first()
     return _row(found) if found else None
 

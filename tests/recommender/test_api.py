@@ -230,6 +230,26 @@ def test_products_search_filters_and_lookup(api: str) -> None:
     assert unknown.status_code == 404 and "the categories are: case, cpu" in unknown.json()["detail"]
 
 
+@pytest.mark.parametrize("product_id", ["99999999999999999999", str(2**63), str(2**31), "-1", "-99999999999999999999"])
+def test_a_product_id_no_product_can_have_is_404_not_500(api: str, product_id: str) -> None:
+    response = requests.get(f"{api}/v1/products/{product_id}", timeout=10)
+    assert response.status_code == 404, response.text
+    assert response.json() == {"detail": f"No product with id {product_id}."}
+
+
+def test_a_truncated_jpeg_is_refused_without_tensorflow_internals(api: str, model_server: ModelServerHandle) -> None:
+    whole = photo(model_server, "mouse")
+    truncated = whole[: len(whole) // 2]
+    assert truncated.startswith(b"\xff\xd8") and not truncated.endswith(b"\xff\xd9")
+    response = post(api, truncated, filename="cut.jpg")
+    assert response.status_code == 422, response.text
+    detail = response.json()["detail"]
+    assert detail.startswith("The image could not be decoded")
+    for internal in ("DecodeJpeg", "{{", "node", "function_node", "Graph execution", "[["):
+        assert internal not in detail, detail
+    assert_no_stack_trace(response)
+
+
 def test_openapi_docs_describe_the_endpoints(api: str) -> None:
     spec = requests.get(f"{api}/openapi.json", timeout=10).json()
     assert {"/v1/recommendations", "/v1/products", "/v1/products/{product_id}", "/healthz"} <= set(spec["paths"])

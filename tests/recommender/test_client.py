@@ -6,7 +6,13 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from recommender.client import IncompatibleModelError, ModelServerError, ModelUnavailableError, PredictionClient
+from recommender.client import (
+    IncompatibleModelError,
+    ModelServerError,
+    ModelUnavailableError,
+    PredictionClient,
+    without_tensorflow_internals,
+)
 from tests.fixtures.knowledge_base import free_port
 from tests.fixtures.model_server import LENIENT_THRESHOLD, STRICT_THRESHOLD, ModelServerHandle, ThresholdVersions
 
@@ -71,6 +77,34 @@ def test_bytes_that_are_not_an_image_are_invalid_argument_without_retry(model_se
         with pytest.raises(ModelServerError) as error:
             client.predict_one(b"definitely not a jpeg")
     assert error.value.code == grpc.StatusCode.INVALID_ARGUMENT and sleeps == []
+    assert "{{" not in error.value.details and "node" not in error.value.details
+    assert error.value.server_details  # the server's own words stay available for the logs
+
+
+@pytest.mark.parametrize(
+    ("server_says", "user_sees"),
+    [
+        (  # serving.server
+            "jpeg::Uncompress failed. Invalid JPEG data or crop window. [[{{node map/while/decode_image/DecodeJpeg}}]]",
+            "Invalid JPEG data or crop window.",
+        ),
+        (  # tensorflow_model_server: function frames first, node and call lines after
+            "{{function_node __inference_serving_default_3412}} {{function_node __inference_decode_77}} "
+            "jpeg::Uncompress failed. Invalid JPEG data or crop window.\n\t [[{{node map/while/body/_1/DecodeJpeg}}]]"
+            "\n\t [[StatefulPartitionedCall/StatefulPartitionedCall]]",
+            "Invalid JPEG data or crop window.",
+        ),
+        (
+            "Graph execution error:\n\nDetected at node decode_image/DecodeImage defined at (most recent call last):\n"
+            "<stack traces unavailable>\nUnknown image file format. One of JPEG, PNG, GIF, BMP required.\n"
+            "\t [[{{node decode_image/DecodeImage}}]]",
+            "Unknown image file format. One of JPEG, PNG, GIF, BMP required.",
+        ),
+        ("expected 1-D image_bytes, got shape [2, 2]", "expected 1-D image_bytes, got shape [2, 2]"),
+    ],
+)
+def test_model_server_errors_reach_users_without_tensorflow_internals(server_says: str, user_sees: str) -> None:
+    assert without_tensorflow_internals(server_says) == user_sees
 
 
 def test_unavailable_server_is_retried_with_backoff_then_reported() -> None:

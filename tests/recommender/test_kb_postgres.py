@@ -73,3 +73,18 @@ def test_postgres_knowledge_base_searches_and_filters_like_sqlite(postgres_url: 
     assert sorted(m.id for m in mice) == sorted(m.id for m in everything if eligible(m, wireless))
     assert {m.name for m in mice} == {"Logitech G305 LIGHTSPEED", "Razer Viper Ultimate"}
     assert {m.name for m in monitors} == {"Asus TUF Gaming VG27AQ", "LG 32GN600-B"}
+
+
+def test_postgres_lookup_of_an_id_no_product_can_have_finds_nothing(postgres_url: str, tmp_path: Path) -> None:
+    """Ids past PostgreSQL's 32-bit INTEGER (and past 64 bits) are "no such product", not a database error."""
+    catalog = write_catalog(tmp_path / "catalog")
+    params = write_params(tmp_path / "params.yaml", REPO_ROOT / "params.yaml")
+    assert build_kb.main(["--catalog", str(catalog), "--params", str(params), "--db-url", postgres_url,
+                          "--metrics", str(tmp_path / "m.json")]) == 0  # fmt: skip
+    engine = kb.make_engine(postgres_url)
+    with engine.connect() as conn:
+        first = kb.get_product(conn, 1)
+        missing = {pid: kb.get_product(conn, pid) for pid in (0, -1, 2**31, 2**63, 10**20, -(10**20))}
+    engine.dispose()
+    assert first is not None and first.id == 1
+    assert missing == dict.fromkeys(missing)

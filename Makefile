@@ -76,9 +76,10 @@ kb: pull ## Build the product knowledge base (dvc repro build_kb -> artifacts/kb
 	$(BIN)/dvc repro build_kb
 
 .PHONY: app
-app: setup ## Serve the recommender API + upload page on :8080 (model server: PRODUCTLENS_MODEL_GRPC, default localhost:8500)
+app: HOST ?= 127.0.0.1
+app: setup ## Serve the recommender API + upload page on 127.0.0.1:8080 (HOST=0.0.0.0: every interface)
 	@test -n "$$PRODUCTLENS_DB_URL" || test -f artifacts/kb/productlens.db || $(MAKE) kb
-	$(BIN)/python -m recommender.app --host 0.0.0.0 --port 8080
+	$(BIN)/python -m recommender.app --host $(HOST) --port 8080
 
 .PHONY: browser
 browser: ## Install Debian's chromium for the upload-page browser test (only when /usr/bin/chromium is missing)

@@ -1,7 +1,8 @@
 """HTTP API and upload page: photo in, detected product, its category facts and ranked recommendations out.
 
-Run with `make app` (port 8080) or `python -m recommender.app --port 8080`. Deployment settings
-come from the environment:
+Run with `make app` (127.0.0.1:8080; `make app HOST=0.0.0.0` for every interface) or
+`python -m recommender.app [--host 127.0.0.1] [--port 8080] [--timeout-graceful-shutdown 8]`. Deployment
+settings come from the environment:
 
     PRODUCTLENS_DB_URL           knowledge base (default sqlite:///artifacts/kb/productlens.db)
     PRODUCTLENS_MODEL_GRPC       model server gRPC address (default localhost:8500)
@@ -12,11 +13,13 @@ come from the environment:
     PRODUCTLENS_MODEL_TIMEOUT_S  deadline of each model call (default 5)
     PRODUCTLENS_MAX_UPLOAD_BYTES upload size cap (default 10 MiB)
     PRODUCTLENS_PARAMS           params.yaml holding the `recommender:` section (default params.yaml)
+    PRODUCTLENS_GRACEFUL_SHUTDOWN_S  after SIGTERM, how long requests in flight may take (default 8)
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import time
@@ -45,6 +48,9 @@ from recommender.service import ImageRejected, Recommender, Timings, check_image
 log = logging.getLogger("recommender.app")
 
 MULTIPART_SLACK = 64 * 1024  # form fields and multipart boundaries on top of the photo itself
+# Under docker's 10 s stop timeout (compose) and Kubernetes' 30 s grace period, so a stalled upload is
+# cancelled and the app exits on its own instead of being killed.
+DEFAULT_GRACEFUL_SHUTDOWN_S = 8.0
 
 
 @dataclass(frozen=True)
@@ -146,6 +152,35 @@ class UploadLimit:
         await self.app(scope, limited_receive, send)
 
 
+class AnswerCancelledRequests:
+    """A request still running when the graceful-shutdown timeout runs out is cancelled by uvicorn: answer it
+    with a JSON 503 the client can act on (send it again) instead of uvicorn's plain-text 500."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except asyncio.CancelledError:
+            log.warning("%s %s cancelled: the graceful-shutdown timeout ran out", scope["method"], scope["path"])
+            if not started:
+                message = "The service is shutting down and cancelled this request: send it again."
+                response = JSONResponse({"detail": message}, status_code=503, headers={"connection": "close"})
+                await response(scope, receive, send)
+            raise
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings.from_env()
     params = load_recommender_params(settings.params_path)
@@ -177,6 +212,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.add_middleware(UploadLimit, max_bytes=settings.max_upload_bytes + MULTIPART_SLACK)
     app.add_middleware(ServerTiming)
+    app.add_middleware(AnswerCancelledRequests)
     app.state.settings = settings
     app.state.recommender = recommender
 
@@ -338,19 +374,37 @@ def _preferences_json(preferences: Preferences) -> dict[str, Any]:
     }
 
 
+def parse_args(argv: list[str] | None = None, env: dict[str, str] | None = None) -> argparse.Namespace:
+    env = dict(os.environ if env is None else env)
+    parser = argparse.ArgumentParser(description="Serve the ProductLens recommender API and upload page.")
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default: this machine only; 0.0.0.0: every interface)",
+    )
+    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument(
+        "--timeout-graceful-shutdown",
+        type=float,
+        default=float(env.get("PRODUCTLENS_GRACEFUL_SHUTDOWN_S", DEFAULT_GRACEFUL_SHUTDOWN_S)),
+        metavar="SECONDS",
+        help="after SIGTERM, how long requests in flight may take before they are cancelled "
+        f"(env PRODUCTLENS_GRACEFUL_SHUTDOWN_S, default {DEFAULT_GRACEFUL_SHUTDOWN_S:g})",
+    )
+    return parser.parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
-    parser = argparse.ArgumentParser(description="Serve the ProductLens recommender API and upload page.")
-    parser.add_argument("--host", default="0.0.0.0")
-    parser.add_argument("--port", type=int, default=8080)
-    parser.add_argument("--workers", type=int, default=1)
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    server = dict(host=args.host, port=args.port, timeout_graceful_shutdown=args.timeout_graceful_shutdown)
     if args.workers > 1:
-        uvicorn.run("recommender.app:create_app", factory=True, host=args.host, port=args.port, workers=args.workers)
+        uvicorn.run("recommender.app:create_app", factory=True, workers=args.workers, **server)
     else:
-        uvicorn.run(create_app(), host=args.host, port=args.port)
+        uvicorn.run(create_app(), **server)
     return 0
 
 

@@ -36,6 +36,8 @@ DT_FLOAT = 1
 DT_DOUBLE = 2
 # Largest message we accept from the server: a batch of probabilities is tiny, but keep room.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+INITIAL_RECONNECT_BACKOFF_MS = 100
+MAX_RECONNECT_BACKOFF_MS = 1000
 
 
 # TensorFlow's runtime decorations of an op error: where it happened, not what went wrong.
@@ -164,6 +166,10 @@ class PredictionClient:
             options=[
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                # gRPC's default reconnect backoff grows 1.6x up to 120 s, so after a model server restart the
+                # app would fail fast for seconds to minutes more; retry connecting at least once a second.
+                ("grpc.initial_reconnect_backoff_ms", INITIAL_RECONNECT_BACKOFF_MS),
+                ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
             ],
         )
         self._stub = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)

@@ -166,6 +166,7 @@ def test_sigterm_ends_the_app_within_its_grace_period_despite_a_stalled_upload(
         while chunk := stalled.recv(4096):  # until the app closes the connection
             answer += chunk
         stalled.close()
+    print(f"the app exited {took:.1f} s after SIGTERM (graceful-shutdown timeout {GRACE_S} s)")
     assert code in (0, -signal.SIGTERM)  # uvicorn re-raises the signal it handled once it has shut down
     assert answer.startswith(b"HTTP/1.1 503 "), answer
     assert b'{"detail":"The service is shutting down and cancelled this request: send it again."}' in answer

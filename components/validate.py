@@ -8,11 +8,12 @@ anything is trained. Outputs a manifest (input of preprocess), metrics and GX Da
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import logging
 import re
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ class ValidateParams:
     image_formats: list[str]
     min_width: int
     min_height: int
+    max_pixels: int  # decompression-bomb limit; export builds the same one into the served model
     min_images_per_class: int
     max_class_ratio: float
     split_folder_names: list[str]
@@ -98,8 +100,25 @@ class ValidationReport:
 # --------------------------------------------------------------------------- images
 
 
-def inspect_image(path: Path) -> dict[str, Any]:
-    """Read one file fully: size, sha256, and whether Pillow decodes every pixel (not just the header)."""
+@contextlib.contextmanager
+def own_pixel_limit() -> Iterator[None]:
+    """Pillow's own decompression-bomb check off (a warning past 89 MP, an error past 179 MP, no file named):
+    inspect_image applies validate.max_pixels to the header itself, before decoding anything."""
+    pillow_limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = pillow_limit
+
+
+def inspect_image(path: Path, max_pixels: int | None = None) -> dict[str, Any]:
+    """Read one file: size, sha256, header (format, size), and whether Pillow decodes every pixel.
+
+    With `max_pixels`, an image whose header says more pixels is not decoded (decodes False, the
+    error says why): that decode is the memory bomb the limit is there to refuse. Without it,
+    Pillow's own bomb check applies.
+    """
     data = path.read_bytes()
     row: dict[str, Any] = {
         "bytes": len(data),
@@ -115,8 +134,15 @@ def inspect_image(path: Path) -> dict[str, Any]:
         row["error"] = "empty file (0 bytes)"
         return row
     try:
-        with Image.open(path) as image:
+        pillow_check = own_pixel_limit() if max_pixels is not None else contextlib.nullcontext()
+        with pillow_check, Image.open(path) as image:
             row.update(format=image.format, width=image.width, height=image.height, mode=image.mode)
+            if max_pixels is not None and image.width * image.height > max_pixels:
+                row["error"] = (
+                    f"not decoded: {image.width}x{image.height} = {image.width * image.height:,} pixels "
+                    f"is over validate.max_pixels ({max_pixels:,})"
+                )
+                return row
             image.load()  # full decode: catches truncated files that a header read accepts
         row["decodes"] = True
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
@@ -124,8 +150,11 @@ def inspect_image(path: Path) -> dict[str, Any]:
     return row
 
 
-def build_manifest(images_root: Path) -> pd.DataFrame:
-    """One row per file under `images_root`; class = the first folder, '' for files outside one."""
+def build_manifest(images_root: Path, max_pixels: int | None = None) -> pd.DataFrame:
+    """One row per file under `images_root`; class = the first folder, '' for files outside one.
+
+    Images over `max_pixels` are inspected from their header only (see inspect_image).
+    """
     rows = []
     for path in sorted(p for p in images_root.rglob("*") if p.is_file()):
         relative = path.relative_to(images_root)
@@ -135,7 +164,7 @@ def build_manifest(images_root: Path) -> pd.DataFrame:
                 "path": relative.as_posix(),
                 "class_name": relative.parts[0] if len(relative.parts) > 1 else "",
                 "in_class_folder": in_class_folder,
-                **inspect_image(path),
+                **inspect_image(path, max_pixels),
             }
         )
     return pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
@@ -161,6 +190,22 @@ def folder_table(images_root: Path, manifest: pd.DataFrame, split_names: Iterabl
     smallest = table["n_images"].min() if len(table) else 0
     table["ratio_to_smallest"] = table["n_images"] / smallest if smallest else float("inf")
     return table
+
+
+def extension_matches_format(manifest: pd.DataFrame) -> pd.Series:
+    """For each file, whether its extension is one Pillow registers for its real format (a PNG named .jpg: False).
+
+    None where the file is not an image at all: the decode check names those.
+    """
+    registered = Image.registered_extensions()  # ".jpg" -> "JPEG", ".png" -> "PNG", ...
+    return pd.Series(
+        [
+            None if pd.isna(real) else registered.get(Path(path).suffix.lower()) == real
+            for path, real in zip(manifest["path"], manifest["format"], strict=True)
+        ],
+        index=manifest.index,
+        dtype=object,
+    )
 
 
 def label_conflict_column(manifest: pd.DataFrame) -> pd.Series:
@@ -221,6 +266,21 @@ def image_checks(params: ValidateParams) -> list[Check]:
             E.ExpectColumnValuesToBeInSet(column="format", value_set=list(params.image_formats)),
             f"image format is not one of {list(params.image_formats)}",
             "path",
+        ),
+        Check(
+            "files",
+            E.ExpectColumnValuesToBeInSet(column="extension_matches_format", value_set=[True]),
+            "file extension does not match the image's real format",
+            "path_and_format",
+            "Rename the file to its real format's extension, or convert it",
+        ),
+        Check(
+            "files",
+            E.ExpectColumnValuesToBeBetween(column="pixels", max_value=params.max_pixels),
+            f"image has more than validate.max_pixels ({params.max_pixels:,}) pixels: a decompression bomb "
+            "or far larger than a photo needs",
+            "path_and_size",
+            "Downscale it; the served model refuses images over the same limit",
         ),
         Check(
             "files",
@@ -477,10 +537,16 @@ def validate_dataset(
     """Build the manifest and run every image, review and catalog expectation; returns manifest, report, metrics."""
     if not images_root.is_dir():
         raise FileNotFoundError(f"images folder {images_root} does not exist (did you run `dvc pull`?)")
-    manifest = build_manifest(images_root)
+    manifest = build_manifest(images_root, params.max_pixels)
     files = manifest.copy()
     files["classes_with_same_bytes"] = label_conflict_column(files)
     files["path_and_error"] = files["path"]
+    files["extension_matches_format"] = extension_matches_format(files)
+    files["path_and_format"] = files["path"] + " (a " + files["format"].astype(str) + " file)"
+    files["pixels"] = files["width"] * files["height"]  # NaN where the header could not be read
+    files["path_and_size"] = [
+        f"{row.path} ({row.width:.0f}x{row.height:.0f} = {row.pixels:,.0f} pixels)" for row in files.itertuples()
+    ]
     folders = folder_table(images_root, manifest, params.split_folder_names)
     tables: dict[str, pd.DataFrame] = {"files": files, "folders": folders}
     checks = image_checks(params)

@@ -14,7 +14,7 @@ from PIL import Image
 from components import validate
 from components.validate import ValidateParams, validate_dataset
 from tests.conftest import REPO_ROOT
-from tests.fixtures.images import synthetic_image, write_dataset
+from tests.fixtures.images import png_bomb, synthetic_image, write_dataset
 
 CLASSES = ["keyboard", "monitor", "mouse"]
 
@@ -25,6 +25,7 @@ def small_params(**overrides) -> ValidateParams:
         image_formats=["JPEG", "PNG"],
         min_width=32,
         min_height=32,
+        max_pixels=40_000_000,
         min_images_per_class=3,
         max_class_ratio=4.0,
         split_folder_names=["train", "test", "val", "validation", "train data", "test data", "validation data"],
@@ -108,6 +109,40 @@ def test_unsupported_format_is_named(dataset: Path) -> None:
 def test_too_small_image_is_named(dataset: Path) -> None:
     Image.new("RGB", (16, 16), (10, 20, 30)).save(dataset / "mouse" / "tiny.png")
     assert "mouse/tiny.png" in the_failure(failures_of(dataset), "narrower than 32 px")
+
+
+def test_png_bomb_is_named_with_its_size_and_never_decoded(dataset: Path) -> None:
+    (dataset / "mouse" / "huge.png").write_bytes(png_bomb(20_000, 20_000))  # 48 KB; 1.2 GB decoded
+    failures = failures_of(dataset)
+    failure = the_failure(failures, "more than validate.max_pixels (40,000,000) pixels")
+    assert "mouse/huge.png (20000x20000 = 400,000,000 pixels)" in failure
+    assert "mouse/huge.png (not decoded: 20000x20000" in the_failure(failures, "does not decode")
+
+
+def test_108_megapixel_jpeg_is_named_not_just_warned_about(dataset: Path) -> None:
+    # A real, decodable photo: Pillow only warns about it (past 89 MP, no file named) and decodes it.
+    Image.new("L", (12_000, 9_000), 128).save(dataset / "monitor" / "panorama.jpg", quality=50)
+    failure = the_failure(failures_of(dataset), "more than validate.max_pixels")
+    assert "monitor/panorama.jpg (12000x9000 = 108,000,000 pixels)" in failure
+
+
+def test_image_over_a_lower_limit_is_named(dataset: Path) -> None:
+    synthetic_image(2, 7, 100).save(dataset / "keyboard" / "big.jpg")  # 10,000 pixels
+    failure = the_failure(failures_of(dataset, small_params(max_pixels=9_999)), "more than validate.max_pixels")
+    assert "keyboard/big.jpg (100x100 = 10,000 pixels)" in failure
+    assert failures_of(dataset, small_params(max_pixels=10_000)) == []  # the limit itself is allowed
+
+
+def test_png_named_jpg_is_named(dataset: Path) -> None:
+    synthetic_image(1, 5, 64).save(dataset / "monitor" / "screenshot.jpg", format="PNG")
+    failure = the_failure(failures_of(dataset), "extension does not match the image's real format")
+    assert "monitor/screenshot.jpg (a PNG file)" in failure
+
+
+def test_any_extension_of_the_real_format_is_accepted(dataset: Path) -> None:
+    synthetic_image(0, 5, 64).save(dataset / "mouse" / "photo.jpeg", format="JPEG")
+    synthetic_image(0, 6, 64).save(dataset / "mouse" / "PHOTO2.JPG", format="JPEG")
+    assert failures_of(dataset) == []
 
 
 def test_empty_class_is_named(dataset: Path) -> None:

@@ -13,15 +13,19 @@ Otherwise writes `<output>/<model_name>/<N>/` (N = highest existing version + 1)
     `image_bytes` bytes feature) -> top-k `classes` and `scores`;
   - `predict_pixels` (float32 0..255 [batch, h, w, 3]) and `predict_pixels_uint8` (uint8) for
     clients that decode themselves; resized in the graph like image bytes are; outputs as serving_default;
+  - image bytes (serving_default, classification) are checked against `max_pixels` (validate.max_pixels
+    in params.yaml) from their header before anything is decoded: a bigger image fails with INVALID_ARGUMENT
+    naming the limit (in the real tensorflow/serving too), and bytes that are not a JPEG/PNG/GIF/BMP as unsupported;
 - `assets.extra/tf_serving_warmup_requests`: PredictionLog records TF Serving replays on load;
-- `model_card.json`: data md5, params, metrics (evaluate.json as is), `not_sure_threshold`, gate
-  reasons, git commit, time.
+- `model_card.json`: data md5, params, metrics (evaluate.json as is), `not_sure_threshold`, `max_pixels`,
+  gate reasons, git commit, time.
 
 Undecodable bytes fail the request (INVALID_ARGUMENT), never a confident answer. The version is
 built in a hidden temporary directory and renamed into place only after infra validation: a
 separate model-server process loads it, replays the warmup records and a few images over gRPC
 and REST, and the answers must equal the Keras model's within `validation_atol` (and carry the
-card's not-sure threshold). A crash or kill at any point leaves no visible version.
+card's not-sure threshold), and it must refuse bytes that are not an image and an image over
+`max_pixels`. A crash or kill at any point leaves no visible version.
 """
 
 from __future__ import annotations
@@ -33,14 +37,17 @@ import ctypes
 import datetime as dt
 import json
 import logging
+import math
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,9 +59,9 @@ import pandas as pd
 import tensorflow as tf
 import yaml
 
-from components.common.images import decode_and_resize, fit_to_square
+from components.common.images import DEFAULT_MAX_PIXELS, decode_and_resize, fit_to_square
 from components.common.io import atomic_directory, atomic_write_json, read_json, sha256_of_file
-from components.common.params import build, load_params, section
+from components.common.params import ParamsError, build, load_params, section
 
 log = logging.getLogger("components.export")
 
@@ -79,12 +86,16 @@ class ExportParams:
     validation_images: int = 8  # test images replayed through the server before publishing
     validation_atol: float = 1e-4  # max |served - Keras| probability difference
     validation_timeout_s: float = 180.0  # for the validation server to load the version
+    # validate.max_pixels in params.yaml: one limit for the data and the served model (load_export_params)
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
     def __post_init__(self) -> None:
         if not self.model_name or "/" in self.model_name:
             raise ValueError(f"export.model_name {self.model_name!r} must be a plain name")
         if self.top_k < 1 or self.warmup_images < 1 or self.validation_images < 1:
             raise ValueError("export: top_k, warmup_images and validation_images must be >= 1")
+        if isinstance(self.max_pixels, bool) or not isinstance(self.max_pixels, int) or self.max_pixels < 1:
+            raise ValueError(f"max_pixels must be a whole number >= 1, got {self.max_pixels!r}")
 
 
 class ExportRefused(RuntimeError):
@@ -128,22 +139,28 @@ def check_not_sure_threshold(value: Any, where: str) -> float:
 
 
 def build_archive(
-    model: keras.Model, class_names: list[str], image_size: int, top_k: int, not_sure_threshold: float
+    model: keras.Model,
+    class_names: list[str],
+    image_size: int,
+    top_k: int,
+    not_sure_threshold: float,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> keras.export.ExportArchive:
-    """The four serving signatures over `model`, preprocessing included."""
+    """The four serving signatures over `model`, preprocessing included; image bytes over `max_pixels` are refused."""
     k = min(top_k, len(class_names))
     names = tf.constant(class_names)
     threshold = tf.constant(not_sure_threshold, tf.float32)
 
     def decode_batch(image_bytes: tf.Tensor) -> tf.Tensor:
         return tf.map_fn(
-            lambda one: decode_and_resize(one, image_size),
+            lambda one: decode_and_resize(one, image_size, max_pixels),
             image_bytes,
             fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.float32),
         )
 
     def resize_pixels(pixels: tf.Tensor) -> tf.Tensor:
-        # The same resize as decode_and_resize, so decoded pixels and image bytes give equal answers.
+        # The same resize as decode_and_resize, so decoded pixels and image bytes give equal answers. No pixel
+        # limit: these arrive decoded, already as big as the request (whose size the server caps).
         return fit_to_square(pixels, image_size)
 
     def answer(pixels: tf.Tensor) -> dict[str, tf.Tensor]:
@@ -204,11 +221,20 @@ def write_saved_model(
     top_k: int,
     not_sure_threshold: float,
     directory: Path,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> None:
-    archive = build_archive(model, class_names, image_size, top_k, not_sure_threshold)
+    archive = build_archive(model, class_names, image_size, top_k, not_sure_threshold, max_pixels)
     with contextlib.redirect_stdout(sys.stderr):  # ExportArchive prints its endpoint list
         archive.write_out(str(directory), verbose=False)
     _mark_classification_signature(directory)
+
+
+def oversized_png_header(max_pixels: int) -> bytes:
+    """The signature and IHDR of a PNG one pixel per side over `max_pixels` (no pixel data: it must not be needed)."""
+    side = math.isqrt(max_pixels) + 1
+    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)  # 8-bit RGB
+    chunk = b"IHDR" + header
+    return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(header)) + chunk + struct.pack(">I", zlib.crc32(chunk))
 
 
 def _tensor_proto(values: list[bytes]):
@@ -461,6 +487,17 @@ def infra_validate(
                     raise InfraValidationError(
                         f"undecodable bytes gave {error.code().name}, not INVALID_ARGUMENT"
                     ) from error
+
+            # 6. An image whose header is over the pixel limit is refused, naming the limit, before decoding.
+            request.inputs["image_bytes"].CopyFrom(_tensor_proto([oversized_png_header(params.max_pixels)]))
+            try:
+                predictions.Predict(request, timeout=60)
+                raise InfraValidationError(f"an image over max_pixels {params.max_pixels} was answered")
+            except grpc.RpcError as error:
+                if error.code() != grpc.StatusCode.INVALID_ARGUMENT or str(params.max_pixels) not in error.details():
+                    raise InfraValidationError(
+                        f"an image over max_pixels gave {error.code().name}: {error.details()}"
+                    ) from error
             channel.close()
 
     differences = {
@@ -548,7 +585,7 @@ def export(
     final = model_dir / str(version)
     log.info("exporting %s (image size %d, %d classes) as %s", model_path, image_size, len(class_names), final)
     with atomic_directory(final, replace=False) as staging:
-        write_saved_model(model, class_names, image_size, params.top_k, not_sure_threshold, staging)
+        write_saved_model(model, class_names, image_size, params.top_k, not_sure_threshold, staging, params.max_pixels)
         write_warmup(staging, warmup_records(params.model_name, images[: params.warmup_images]))
         model_card = {
             "model_name": params.model_name,
@@ -557,6 +594,7 @@ def export(
             "image_size": image_size,
             "class_names": class_names,
             NOT_SURE_THRESHOLD: not_sure_threshold,
+            "max_pixels": params.max_pixels,  # image bytes with more pixels are refused from their header
             "signatures": {
                 SERVING_DEFAULT: "image_bytes string[batch] -> probabilities, class_ids, class_names, scores (top-k), "
                 f"{NOT_SURE_THRESHOLD} float32[batch]",
@@ -605,7 +643,15 @@ def sample_images(samples: Path, images_root: Path | None, count: int) -> list[b
 
 
 def load_export_params(path: Path) -> ExportParams:
-    return build(ExportParams, section(load_params(path), "export"), f"{path}:export")
+    """The `export:` section, plus `max_pixels` from `validate:`: the data and the served model share one limit."""
+    params = load_params(path)
+    values = dict(section(params, "export"))
+    if "max_pixels" in values:
+        raise ParamsError(f"{path}:export: max_pixels belongs under validate: (one limit for data and serving)")
+    validate = section(params, "validate")
+    if "max_pixels" not in validate:
+        raise ParamsError(f"{path}:validate: missing key 'max_pixels' (the served model's pixel limit)")
+    return build(ExportParams, {**values, "max_pixels": validate["max_pixels"]}, f"{path}:export")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

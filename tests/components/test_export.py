@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -19,7 +20,16 @@ from tensorflow_serving.apis import prediction_log_pb2
 
 from components import export as export_step
 from components.common.images import decode_and_resize
-from components.export import ExportParams, InfraValidationError, export, image_size_of, next_version
+from components.common.params import ParamsError
+from components.export import (
+    ExportParams,
+    InfraValidationError,
+    export,
+    image_size_of,
+    load_export_params,
+    next_version,
+)
+from tests.fixtures.images import synthetic_image
 from tests.fixtures.model_server import NOT_SURE_THRESHOLD, TinyModel, export_tiny
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -97,6 +107,7 @@ def test_export_cli_publishes_an_infra_validated_version_with_its_model_card(ste
     assert card["version"] == 1
     assert card["metrics"] == EVALUATION
     assert card["not_sure_threshold"] == 0.42  # evaluate's, chosen on val
+    assert card["max_pixels"] == yaml.safe_load((ROOT / "params.yaml").read_text())["validate"]["max_pixels"]
     assert card["gate"] == {"blessed": True, "reasons": ["accuracy 0.95 >= 0.85"]}
     assert card["data"]["md5"] == yaml.safe_load((ROOT / "data.dvc").read_text())["outs"][0]["md5"]
     assert card["params"]["export"]["validation_images"] == 4
@@ -240,3 +251,102 @@ def test_image_size_comes_from_a_fixed_input_or_the_resize_layer() -> None:
     inputs = keras.Input((None, None, 3))
     resized = keras.Model(inputs, keras.layers.Resizing(40, 40, name="resize")(inputs))
     assert image_size_of(resized) == 40
+
+
+# ----- the pixel limit (validate.max_pixels), checked from the header before decoding -----------------------
+SMALL_LIMIT = 64 * 64
+
+
+@pytest.fixture(scope="module")
+def limited(
+    tiny_model: TinyModel, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, tf.types.experimental.ConcreteFunction]:
+    """The tiny model exported with max_pixels = 64 * 64: its signatures, loaded."""
+    result = export(
+        tiny_model.keras_model, tiny_model.class_names, {"blessed": True, "reasons": []},
+        tmp_path_factory.mktemp("limited"), ExportParams(top_k=3, max_pixels=SMALL_LIMIT), tiny_model.images(),
+        not_sure_threshold=0.5, validate=False,
+    )  # fmt: skip
+    assert result.card["max_pixels"] == SMALL_LIMIT
+    return tf.saved_model.load(str(result.path)).signatures
+
+
+def encoded(size: tuple[int, int], image_format: str, frames: int = 1) -> bytes:
+    images = [synthetic_image(3, variant, 64).resize(size) for variant in range(frames)]
+    buffer = io.BytesIO()
+    images[0].save(buffer, format=image_format, save_all=frames > 1, append_images=images[1:])
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("image_format", ["JPEG", "PNG", "GIF", "BMP"])
+def test_image_bytes_over_max_pixels_are_refused_naming_the_limit(limited, image_format: str) -> None:
+    serving_default = limited["serving_default"]
+    at_limit = serving_default(image_bytes=tf.constant([encoded((64, 64), image_format)]))
+    assert at_limit["probabilities"].shape == (1, 14)
+    with pytest.raises(
+        tf.errors.InvalidArgumentError, match=f"image is 65x64 = 4160 pixels, over the limit of {SMALL_LIMIT}"
+    ):
+        serving_default(image_bytes=tf.constant([encoded((65, 64), image_format)]))
+
+
+def test_a_bottom_up_and_a_top_down_bmp_both_count_their_rows(limited) -> None:
+    bottom_up = encoded((40, 120), "BMP")  # Pillow writes rows bottom-up: a positive height
+    top_down = bottom_up[:22] + (-120).to_bytes(4, "little", signed=True) + bottom_up[26:]
+    for data in (bottom_up, top_down):
+        with pytest.raises(tf.errors.InvalidArgumentError, match="image is 40x120 = 4800 pixels"):
+            limited["serving_default"](image_bytes=tf.constant([data]))
+
+
+def test_an_animated_gif_counts_every_frame(limited) -> None:
+    # Each 32x32 frame is well under the limit, the logical screen too; giflib still holds all five.
+    with pytest.raises(tf.errors.InvalidArgumentError, match="32x32 with GIF frames of 5120 pixels in all"):
+        limited["serving_default"](image_bytes=tf.constant([encoded((32, 32), "GIF", frames=5)]))
+    two_frames = limited["serving_default"](image_bytes=tf.constant([encoded((32, 32), "GIF", frames=2)]))
+    assert two_frames["probabilities"].shape == (1, 14)
+
+
+def test_a_gif_too_fragmented_to_walk_is_refused(limited) -> None:
+    screen = b"GIF89a" + (1).to_bytes(2, "little") * 2 + b"\x00\x00\x00"
+    image = b"\x2c" + bytes(4) + (1).to_bytes(2, "little") * 2 + b"\x00" + b"\x02"
+    crafted = screen + image + b"\x01\x00" * 5_000 + b"\x00\x3b"  # 5,000 one-byte sub-blocks
+    with pytest.raises(tf.errors.InvalidArgumentError, match="GIF has more than 1074 blocks to check"):
+        limited["serving_default"](image_bytes=tf.constant([crafted]))
+
+
+@pytest.mark.parametrize("image_format", ["WEBP", "TIFF"])
+def test_formats_other_than_jpeg_png_gif_bmp_are_refused_as_unsupported(limited, image_format: str) -> None:
+    with pytest.raises(tf.errors.InvalidArgumentError, match="unsupported image"):
+        limited["serving_default"](image_bytes=tf.constant([encoded((8, 8), image_format)]))
+
+
+def test_classify_refuses_an_image_over_the_limit_too(limited) -> None:
+    example = tf.train.Example(features=tf.train.Features(feature={
+        "image_bytes": tf.train.Feature(bytes_list=tf.train.BytesList(value=[encoded((80, 80), "PNG")]))
+    }))  # fmt: skip
+    with pytest.raises(tf.errors.InvalidArgumentError, match=f"over the limit of {SMALL_LIMIT}"):
+        limited["classification"](inputs=tf.constant([example.SerializeToString()]))
+
+
+def test_pixel_signatures_take_arrays_of_any_size(limited) -> None:
+    # Already decoded: the request's own size is the cost, and the server caps that.
+    pixels = tf.fill([2, 120, 90, 3], 128.0)
+    answer = limited["predict_pixels"](pixels=pixels)
+    assert answer["probabilities"].shape == (2, 14)
+    answer = limited["predict_pixels_uint8"](pixels=tf.cast(pixels, tf.uint8))
+    assert answer["probabilities"].shape == (2, 14)
+
+
+def test_export_reads_its_pixel_limit_from_the_validate_section(tmp_path: Path) -> None:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["validate"]["max_pixels"] = 1_000_000
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    assert load_export_params(path).max_pixels == 1_000_000
+    params["export"]["max_pixels"] = 5  # a second, diverging limit
+    path.write_text(yaml.safe_dump(params))
+    with pytest.raises(ParamsError, match="max_pixels belongs under validate"):
+        load_export_params(path)
+    del params["export"]["max_pixels"], params["validate"]["max_pixels"]
+    path.write_text(yaml.safe_dump(params))
+    with pytest.raises(ParamsError, match="missing key 'max_pixels'"):
+        load_export_params(path)

@@ -92,9 +92,10 @@ bench-recommender: setup ## Benchmark HTTP -> gRPC -> database at concurrency 1 
 	$(BIN)/python -m bench.recommender
 
 .PHONY: serve
-serve: setup ## Serve the latest export under models/ like TF Serving: gRPC :8500, REST :8501 (serving/models.config)
+serve: HOST ?= 127.0.0.1
+serve: setup ## Serve the latest export under models/ like TF Serving: gRPC 127.0.0.1:8500, REST :8501 (HOST=0.0.0.0: every interface)
 	@ls -d models/productlens/[0-9]* >/dev/null 2>&1 || echo "No version under models/productlens yet: run 'make repro' (the server waits and loads it when it appears)."
-	$(BIN)/python -m serving.server --port=8500 --rest_api_port=8501 --model_config_file=serving/models.config \
+	$(BIN)/python -m serving.server --host=$(HOST) --port=8500 --rest_api_port=8501 --model_config_file=serving/models.config \
 		--enable_batching --batching_parameters_file=serving/batching.config
 
 .PHONY: review-sheets

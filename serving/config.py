@@ -187,6 +187,31 @@ def model_configs(config: model_server_config_pb2.ModelServerConfig, root: Path 
     return models
 
 
+def default_model_roots(models: list[ModelConfig]) -> tuple[Path, ...]:
+    """The folders a config may name when no --allowed_model_root is given: each base path's parent (the models
+    folder beside it), or the base path itself when its parent is the filesystem root."""
+    roots: list[Path] = []
+    for model in models:
+        base = Path(os.path.realpath(model.base_path))
+        root = base if base.parent == Path(base.anchor) else base.parent
+        if root not in roots:
+            roots.append(root)
+    return tuple(roots)
+
+
+def check_model_roots(models: list[ModelConfig], roots: tuple[Path, ...]) -> None:
+    """Refuse a config whose base paths leave the allowed model roots (symlinks and '..' resolved first)."""
+    resolved = [Path(os.path.realpath(root)) for root in roots]
+    for model in models:
+        base = Path(os.path.realpath(model.base_path))
+        if not any(base.is_relative_to(root) for root in resolved):
+            allowed = ", ".join(str(root) for root in resolved) or "none"
+            raise ConfigError(
+                f"model {model.name!r}: base_path {model.base_path} is outside the allowed model roots ({allowed}); "
+                "the server's --allowed_model_root flag decides which folders a config may name"
+            )
+
+
 def parse_model_server_config(text: str, where: str = "model config") -> model_server_config_pb2.ModelServerConfig:
     config = model_server_config_pb2.ModelServerConfig()
     try:

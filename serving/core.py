@@ -21,7 +21,7 @@ import grpc
 from tensorflow_serving.apis import get_model_status_pb2, model_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
-from serving.config import BatchingOptions, ConfigError, ModelConfig, model_configs
+from serving.config import BatchingOptions, ConfigError, ModelConfig, check_model_roots, model_configs
 from serving.errors import ServingError, failed_precondition, invalid_argument, not_found, unavailable
 from serving.servable import ServableVersion, State
 
@@ -37,6 +37,9 @@ class CoreOptions:
     max_num_load_retries: int = 5
     load_retry_interval_s: float = 60.0
     config_root: Path | None = None  # relative base_paths resolve against this (default: the working directory)
+    # Every base_path (startup config, config file polls, HandleReloadConfigRequest) must lie under one of these;
+    # None: no restriction (the server always passes its --allowed_model_root folders).
+    allowed_model_roots: tuple[Path, ...] | None = None
 
 
 def versions_on_disk(base_path: Path) -> set[int]:
@@ -72,7 +75,7 @@ class ServerCore:
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
         self._unloaders: list[threading.Thread] = []
-        self._apply_config(model_configs(config, options.config_root), check_labels=False)
+        self._apply_config(self._checked_models(config), check_labels=False)
 
     # ----- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -84,16 +87,28 @@ class ServerCore:
         self._poller = threading.Thread(target=self._poll, name="fs-poller", daemon=True)
         self._poller.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 30.0) -> bool:
+        """Stop polling and unload every version, waiting up to timeout_s in all for requests still using one.
+
+        Returns False when something was still running at the deadline (its threads are daemons and are left
+        behind)."""
+        deadline = time.monotonic() + timeout_s
+
+        def remaining() -> float:
+            return max(deadline - time.monotonic(), 0.0)
+
         self._stop.set()
         if self._poller is not None:
-            self._poller.join(timeout=30)
+            self._poller.join(timeout=remaining())
         with self._lock:
             versions = [v for m in self._models.values() for v in m.versions.values() if v.state == State.AVAILABLE]
+        finished = True
         for version in versions:
-            self._unload(version)
+            finished = self._unload(version, timeout_s=remaining()) and finished
         for thread in list(self._unloaders):
-            thread.join(timeout=30)
+            thread.join(timeout=remaining())
+            finished = finished and not thread.is_alive()
+        return finished and (self._poller is None or not self._poller.is_alive())
 
     def _poll(self) -> None:
         while not self._stop.wait(self.options.file_system_poll_wait_seconds):
@@ -106,11 +121,17 @@ class ServerCore:
     def reload_config(self, config: model_server_config_pb2.ModelServerConfig) -> None:
         """HandleReloadConfigRequest: replace the whole config (models missing from it are unloaded)."""
         try:
-            models = model_configs(config, self.options.config_root)
+            models = self._checked_models(config)
         except ConfigError as error:
             raise invalid_argument(str(error)) from error
         self._apply_config(models, check_labels=True)
         self.reconcile()
+
+    def _checked_models(self, config: model_server_config_pb2.ModelServerConfig) -> list[ModelConfig]:
+        models = model_configs(config, self.options.config_root)
+        if self.options.allowed_model_roots is not None:
+            check_model_roots(models, self.options.allowed_model_roots)
+        return models
 
     def _apply_config(self, models: list[ModelConfig], check_labels: bool) -> None:
         with self._lock:
@@ -224,15 +245,21 @@ class ServerCore:
         self._unloaders = [t for t in self._unloaders if t.is_alive()] + [thread]
         thread.start()
 
-    def _unload(self, version: ServableVersion) -> None:
+    def _unload(self, version: ServableVersion, timeout_s: float | None = None) -> bool:
+        """Quiesce then unload; with a timeout, give up (False) if requests still hold the version by then."""
         with self._lock:
             version.state = State.UNLOADING
         log.info("Quiescing servable version %s (%d request(s) in flight)", version, version.inflight)
-        version.wait_idle()
+        if not version.wait_idle(timeout_s):
+            log.error(
+                "Servable version %s still has %d request(s) in flight; not unloading it", version, version.inflight
+            )
+            return False
         version.unload()
         with self._lock:
             version.state = State.END
         log.info("Done unloading servable version %s", version)
+        return True
 
     # ----- routing -------------------------------------------------------------------------------
     @contextlib.contextmanager

@@ -63,19 +63,42 @@ def internal(message: str) -> ServingError:
     return ServingError(grpc.StatusCode.INTERNAL, message)
 
 
-_NOISE = re.compile(r"^(Graph execution error:|Detected at node .*|<stack traces unavailable>)$")
-_NODE = re.compile(r"\[\[\{\{(?:function_)?node ([^}]+)\}\}")
+# TensorFlow's decorations of an op error say where in the graph it happened, not what went wrong; a client
+# gets the op's own words without them (node and function names, C++ call sites, the Python trace of the export).
+_TF_ANNOTATION = re.compile(r"\s*\[\[.*?\]\]|\{\{(?:function_)?node [^}]*\}\}\s*|\s*\[Op:[^\]]*\]")
+_TF_NOISE_LINE = re.compile(
+    r"^(Graph execution error:|Detected at node\b.*|<stack traces unavailable>|File \".*\", line \d+, in .*)$"
+)
+_TF_CPP_CALL = re.compile(r"\b\w+::\w+ failed\.\s*")  # jpeg::Uncompress failed.
+_ASSERTION = "assertion failed: "
+_ASSERTION_PART = re.compile(r"\[([^\[\]]*)\]")
+
+
+def _assertion_message(text: str) -> str:
+    """tf.debugging.assert_*'s "[message] [Condition x <= y ...] [x (node:0) = ] [4]" as just the message parts."""
+    parts = _ASSERTION_PART.findall(text)
+    kept = []
+    for part in parts:
+        if part.startswith("Condition "):
+            break  # the comparison and its operands, by tensor name: the message already says it
+        kept.append(part.strip())
+    return " ".join(p for p in kept if p) or text
+
+
+def tensorflow_message(raw: str) -> str:
+    """The line of a TensorFlow error that says what went wrong, without TensorFlow's internals."""
+    text = _TF_ANNOTATION.sub("", raw)
+    lines = [line.strip() for line in text.splitlines()]
+    kept = [line for line in lines if line and not _TF_NOISE_LINE.match(line)]
+    message = _TF_CPP_CALL.sub("", kept[0]).strip() if kept else "the model failed on this input"
+    if message.startswith(_ASSERTION):
+        message = _assertion_message(message[len(_ASSERTION) :])
+    return message
 
 
 def from_tf_error(error: Exception) -> ServingError:
-    """Map a TensorFlow OpError to its status, keeping the op's own message and node (not the Python trace)."""
+    """Map a TensorFlow OpError to its status code, with the op's own message (no node names, no Python trace)."""
     number = getattr(error, "error_code", None)
     code = CODE_BY_NUMBER.get(number, grpc.StatusCode.INTERNAL) if number is not None else grpc.StatusCode.INTERNAL
     raw = getattr(error, "message", None) or str(error)
-    lines = [line.strip() for line in raw.splitlines()]
-    text = [line for line in lines if line and not _NOISE.match(line) and not line.startswith("[[")]
-    message = text[0] if text else raw.strip()
-    node = _NODE.search(raw)
-    if node:
-        message = f"{message} [[{{{{node {node.group(1)}}}}}]]"
-    return ServingError(code, message)
+    return ServingError(code, tensorflow_message(raw))

@@ -1,8 +1,16 @@
-"""gRPC front end: tensorflow.serving.PredictionService and ModelService, with the stubs' own servicer bases."""
+"""gRPC front end: tensorflow.serving.PredictionService and ModelService, with the stubs' own servicer bases.
+
+HandleReloadConfigRequest replaces the whole model config, so unlike TF Serving (where anyone who reaches the
+port may call it) it can be switched off, or require a shared token: `ReloadAccess`.
+"""
 
 from __future__ import annotations
 
+import hmac
 import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import grpc
 from tensorflow_serving.apis import (
@@ -21,6 +29,81 @@ from serving.errors import ServingError, invalid_argument
 log = logging.getLogger("serving.grpc")
 
 SIGNATURE_DEF_FIELD = "signature_def"
+RELOAD_TOKEN_ENV = "PRODUCTLENS_RELOAD_CONFIG_TOKEN"
+RELOAD_TOKEN_METADATA = "authorization"  # value: "Bearer <token>"
+
+
+@dataclass(frozen=True)
+class ReloadAccess:
+    """Who may call HandleReloadConfigRequest: nobody (`enabled` False), or any caller that sends `token` (when
+    one is set) as `authorization: Bearer <token>` metadata."""
+
+    enabled: bool = True
+    token: str | None = None
+    why_off: str = "--reload_config_rpc=off"
+
+    def check(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> None:
+        if not self.enabled:
+            raise ServingError(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"HandleReloadConfigRequest is switched off on this server ({self.why_off}); "
+                "change the --model_config_file it polls instead",
+            )
+        if self.token is None:
+            return
+        sent = next((value for key, value in metadata or () if key == RELOAD_TOKEN_METADATA), "")
+        sent_bytes = sent if isinstance(sent, bytes) else sent.encode("utf-8")
+        if not hmac.compare_digest(sent_bytes, f"Bearer {self.token}".encode()):
+            raise ServingError(
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"HandleReloadConfigRequest needs the server's reload token: send the metadata "
+                f"'{RELOAD_TOKEN_METADATA}: Bearer <token>' with the value of ${RELOAD_TOKEN_ENV} on the server",
+            )
+
+
+class InFlight:
+    """How many gRPC calls are being handled; shutdown waits for none."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._idle = threading.Condition()
+
+    def __enter__(self) -> None:
+        with self._idle:
+            self._count += 1
+
+    def __exit__(self, *exc) -> None:
+        with self._idle:
+            self._count -= 1
+            if self._count == 0:
+                self._idle.notify_all()
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        with self._idle:
+            return self._idle.wait_for(lambda: self._count == 0, timeout=max(timeout_s, 0.0))
+
+
+class InFlightInterceptor(grpc.ServerInterceptor):
+    """Counts every unary call (all of PredictionService and ModelService are unary) in an `InFlight`."""
+
+    def __init__(self, in_flight: InFlight) -> None:
+        self.in_flight = in_flight
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        behaviour = handler.unary_unary
+
+        def counted(request, context):
+            with self.in_flight:
+                return behaviour(request, context)
+
+        return handler._replace(unary_unary=counted)
 
 
 def model_metadata(
@@ -89,8 +172,9 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
 
 
 class ModelService(model_service_pb2_grpc.ModelServiceServicer):
-    def __init__(self, core: ServerCore) -> None:
+    def __init__(self, core: ServerCore, reload_access: ReloadAccess) -> None:
         self.core = core
+        self.reload_access = reload_access
 
     def GetModelStatus(self, request: get_model_status_pb2.GetModelStatusRequest, context):  # noqa: N802
         try:
@@ -102,13 +186,18 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
 
     def HandleReloadConfigRequest(self, request: model_management_pb2.ReloadConfigRequest, context):  # noqa: N802
         try:
+            self.reload_access.check(context.invocation_metadata())
             self.core.reload_config(request.config)
             log.info("Reloaded the model config (%d model(s))", len(request.config.model_config_list.config))
             return model_management_pb2.ReloadConfigResponse()
+        except ServingError as error:
+            # Someone tried to change what this server serves and was refused: worth a line at the default level.
+            log.warning("Refused HandleReloadConfigRequest from %s: %s", context.peer(), error)
+            _fail(context, error, "HandleReloadConfigRequest")
         except Exception as error:  # noqa: BLE001
             _fail(context, error, "HandleReloadConfigRequest")
 
 
-def add_services(server: grpc.Server, core: ServerCore) -> None:
+def add_services(server: grpc.Server, core: ServerCore, reload_access: ReloadAccess) -> None:
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionService(core), server)
-    model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(core), server)
+    model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(core, reload_access), server)

@@ -8,17 +8,24 @@
 Binary values travel as {"b64": "..."}; JSON numbers are converted to the signature's dtype (REST
 is lenient where gRPC is strict, as in TF Serving). Errors are {"error": "..."} with TF Serving's
 HTTP status for the gRPC code (INVALID_ARGUMENT 400, NOT_FOUND 404, UNAVAILABLE 503, ...).
+
+The transport refuses what would hold a thread or memory: a body without one non-negative integer
+Content-Length (400, 411; Transfer-Encoding 501), over --max_request_bytes (413), JSON nested deeper than
+MAX_JSON_DEPTH (400); a connection whose next read does not arrive within the read timeout is closed.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
 import logging
 import re
 import socket
+import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote
 
@@ -44,6 +51,10 @@ STATUS_PATH = re.compile(
     r"/v1/models(?:/([^/:]+))?(?:(?:/versions/(\d+))|(?:/labels/([^/:]+)))?(?:/(metadata))?", re.IGNORECASE
 )
 _DRAIN_LIMIT = 256 << 20
+_CONTENT_LENGTH = re.compile(r"[0-9]+")
+# A predict body nests about 7 levels ({"inputs": {"pixels": [batch][h][w][3]}}); far deeper is an attack on the
+# recursive parsing (Python's JSON decoder stops at ~1,000 levels with a RecursionError).
+MAX_JSON_DEPTH = 64
 
 
 def model_spec(name: str, version: str | None, label: str | None) -> model_pb2.ModelSpec:
@@ -325,9 +336,23 @@ def _json_body(body: bytes) -> dict:
         payload = json.loads(body or b"{}")
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise invalid_argument(f"JSON Parse error: {error}") from error
+    except RecursionError as error:
+        raise invalid_argument(f"JSON Parse error: nested more than {MAX_JSON_DEPTH} levels deep") from error
     if not isinstance(payload, dict):
         raise invalid_argument("JSON Parse error: the request body must be a JSON object")
+    _check_depth(payload)
     return payload
+
+
+def _check_depth(payload: dict) -> None:
+    """Refuse JSON nested deeper than MAX_JSON_DEPTH (the conversion to arrays recurses once per level)."""
+    stack: list[tuple[dict | list, int]] = [(payload, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise invalid_argument(f"JSON Parse error: nested more than {MAX_JSON_DEPTH} levels deep")
+        children = value.values() if isinstance(value, dict) else value
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -336,9 +361,24 @@ class _Handler(BaseHTTPRequestHandler):
     server: RestServer
 
     def setup(self) -> None:
+        self.timeout = self.server.read_timeout_s  # StreamRequestHandler.setup() puts it on the socket: every read
         super().setup()
         # Headers and body go out in separate writes: without NODELAY, Nagle + the client's delayed ACK add ~40 ms.
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def parse_request(self) -> bool:
+        # The request line has arrived: from here until the response is written, shutdown waits for this request.
+        self.server.mark_busy(self.connection)
+        return super().parse_request()
+
+    def handle_one_request(self) -> None:
+        """BaseHTTPRequestHandler's (a read that times out closes the connection), then back to idle."""
+        try:
+            super().handle_one_request()
+        finally:
+            self.server.mark_idle(self.connection)
+            if self.server.draining:
+                self.close_connection = True
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002 - BaseHTTPRequestHandler's signature
         log.debug("%s - %s", self.address_string(), format % args)
@@ -347,15 +387,18 @@ class _Handler(BaseHTTPRequestHandler):
         self._serve("GET", b"")
 
     def do_POST(self) -> None:  # noqa: N802
-        length_header = self.headers.get("Content-Length")
-        if length_header is None:
+        if self.headers.get("Transfer-Encoding") is not None:
+            self._reply(501, {"error": "Transfer-Encoding is not supported: send the body with a Content-Length"}, True)
+            return
+        lengths = [value.strip() for value in self.headers.get_all("Content-Length") or []]
+        if not lengths:
             self._reply(411, {"error": "Content-Length is required"}, close=True)
             return
-        try:
-            length = int(length_header)
-        except ValueError:
-            self._reply(400, {"error": f"bad Content-Length: {length_header!r}"}, close=True)
+        if len(set(lengths)) != 1 or not _CONTENT_LENGTH.fullmatch(lengths[0]):
+            shown = ", ".join(lengths)[:60]
+            self._reply(400, {"error": f"bad Content-Length: {shown!r} (expected one non-negative integer)"}, True)
             return
+        length = int(lengths[0])
         limit = self.server.max_request_bytes
         if length > limit:
             self._drain(length)
@@ -365,7 +408,11 @@ class _Handler(BaseHTTPRequestHandler):
                 close=True,
             )
             return
-        self._serve("POST", self.rfile.read(length))
+        body = self.rfile.read(length)
+        if len(body) < length:  # the client closed its side before sending the whole body: nobody to answer
+            self.close_connection = True
+            return
+        self._serve("POST", body)
 
     def _drain(self, length: int) -> None:
         remaining = min(length, _DRAIN_LIMIT)
@@ -388,7 +435,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
-        if close:
+        if close or self.server.draining:  # a shutting-down server takes no further request on this connection
             self.send_header("Connection", "close")
             self.close_connection = True
         self.end_headers()
@@ -396,24 +443,91 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class RestServer(ThreadingHTTPServer):
+    """The REST port: a thread per connection, every read bounded by `read_timeout_s`, and a `stop()` that lets
+    requests being handled finish while refusing new ones."""
+
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 128
 
-    def __init__(self, address: tuple[str, int], api: RestApi, max_request_bytes: int) -> None:
+    def __init__(
+        self, address: tuple[str, int], api: RestApi, max_request_bytes: int, read_timeout_s: float | None = 30.0
+    ) -> None:
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
         super().__init__(address, _Handler)
         self.api = api
         self.max_request_bytes = max_request_bytes
+        self.read_timeout_s = read_timeout_s
+        self.draining = False
+        self._connections: dict[socket.socket, bool] = {}  # open connection -> busy (a request is being handled)
+        self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
     @property
     def port(self) -> int:
         return int(self.server_address[1])
 
+    def process_request(self, request, client_address) -> None:
+        # Tracked from the accept loop, before the handler thread starts: a stop() right after sees it.
+        with self._lock:
+            self._connections[request] = False
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request) -> None:
+        with self._lock:
+            self._connections.pop(request, None)
+        super().shutdown_request(request)
+
+    def mark_busy(self, connection: socket.socket) -> None:
+        with self._lock:
+            self._connections[connection] = True
+
+    def mark_idle(self, connection: socket.socket) -> None:
+        with self._lock:
+            if connection in self._connections:
+                self._connections[connection] = False
+
+    @property
+    def in_flight(self) -> int:
+        with self._lock:
+            return sum(self._connections.values())
+
+    def handle_error(self, request, client_address) -> None:
+        error = sys.exc_info()[1]
+        if isinstance(error, ConnectionError | TimeoutError):
+            log.debug("REST connection from %s ended: %s", client_address, error)
+            return
+        log.exception("REST connection from %s failed", client_address)
+
     def start(self) -> None:
-        self._thread = threading.Thread(target=self.serve_forever, name="rest", daemon=True)
+        self._thread = threading.Thread(target=self.serve_forever, args=(0.1,), name="rest", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
-        self.shutdown()
-        self.server_close()
+    def stop(self, timeout_s: float = 5.0) -> int:
+        """Refuse new connections and close idle ones; give requests being handled up to timeout_s to finish.
+
+        Returns how many requests were still being handled at the deadline (their connections are closed)."""
+        deadline = time.monotonic() + timeout_s
+        self.draining = True
+        if self._thread is not None:
+            self.shutdown()  # the accept loop ends within its 0.1 s poll
+        self.server_close()  # the listening socket: connecting is refused from here on
+        while True:
+            self._close_connections(idle_only=True)
+            with self._lock:
+                if not self._connections:
+                    return 0
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.01)
+        cut_off = self.in_flight
+        self._close_connections(idle_only=False)
+        return cut_off
+
+    def _close_connections(self, idle_only: bool) -> None:
+        with self._lock:
+            chosen = [conn for conn, busy in self._connections.items() if not (idle_only and busy)]
+        for connection in chosen:
+            with contextlib.suppress(OSError):  # already closed by its own thread
+                connection.shutdown(socket.SHUT_RDWR)

@@ -236,10 +236,10 @@ class ServableVersion:
             if self._inflight == 0:
                 self._idle.notify_all()
 
-    def wait_idle(self) -> None:
+    def wait_idle(self, timeout_s: float | None = None) -> bool:
+        """Block until no request holds this version (True), or until timeout_s passes (False)."""
         with self._idle:
-            while self._inflight:
-                self._idle.wait()
+            return self._idle.wait_for(lambda: self._inflight == 0, timeout=timeout_s)
 
     @property
     def inflight(self) -> int:

@@ -5,12 +5,15 @@
 Edit the file (version policy, labels, models), then run this: the server replaces its whole config
 (a model missing from the file is unloaded) and answers once the change is applied. A label may only
 point at a version that is already AVAILABLE: load the version first, then label it in a second reload.
-Relative base paths resolve on the server's side (our server: its working directory).
+Relative base paths resolve on the server's side (our server: its working directory), and our server
+refuses base paths outside its --allowed_model_root. When $PRODUCTLENS_RELOAD_CONFIG_TOKEN is set here,
+it is sent as `authorization: Bearer <token>` (our server started with that variable requires it).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import grpc
@@ -29,11 +32,13 @@ def main(argv: list[str] | None = None) -> int:
         config = text_format.Parse(handle.read(), model_server_config_pb2.ModelServerConfig())
     names = [model.name for model in config.model_config_list.config]
     print(f"sending config for {len(names)} model(s): {', '.join(names)}")
+    token = os.environ.get("PRODUCTLENS_RELOAD_CONFIG_TOKEN")  # serving.grpc_api.RELOAD_TOKEN_ENV
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
     with grpc.insecure_channel(args.server) as channel:
         stub = model_service_pb2_grpc.ModelServiceStub(channel)
         try:
             stub.HandleReloadConfigRequest(
-                model_management_pb2.ReloadConfigRequest(config=config), timeout=args.timeout
+                model_management_pb2.ReloadConfigRequest(config=config), timeout=args.timeout, metadata=metadata
             )
         except grpc.RpcError as error:
             print(f"HandleReloadConfigRequest failed: {error.code().name}: {error.details()}", file=sys.stderr)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -10,7 +11,7 @@ import pytest
 import yaml
 
 from serving.config import load_batching_parameters, load_model_server_config, model_configs
-from serving.server import parse_args
+from serving.server import LOOPBACK, parse_args
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "serving" / "k8s"
@@ -59,6 +60,54 @@ def test_our_server_accepts_the_production_command_line() -> None:
         assert parsed.enable_batching
         assert (parsed.port, parsed.rest_api_port) == (8500, 8501)
         assert parsed.model_config_file == Path("/config/models.config")
+
+
+# tensorflow_model_server's flags (model_servers/main.cc, 2.x) that these manifests may use. Its parser passes an
+# unknown flag through with a usage dump and ignores it, so a flag of ours (--host, --reload_config_rpc) there
+# would look like a setting while changing nothing.
+TENSORFLOW_MODEL_SERVER_FLAGS = {
+    "port", "grpc_socket_path", "rest_api_port", "rest_api_num_threads", "rest_api_timeout_in_ms", "enable_batching",
+    "allow_version_labels_for_unavailable_models", "batching_parameters_file", "model_config_file",
+    "model_config_file_poll_wait_seconds", "model_name", "model_base_path", "max_num_load_retries",
+    "load_retry_interval_micros", "file_system_poll_wait_seconds", "flush_filesystem_caches",
+    "tensorflow_session_parallelism", "tensorflow_intra_op_parallelism", "tensorflow_inter_op_parallelism",
+    "ssl_config_file", "platform_config_file", "saved_model_tags", "grpc_channel_arguments", "grpc_max_threads",
+    "enable_model_warmup", "monitoring_config_file",
+}  # fmt: skip
+
+
+def test_the_official_image_gets_only_its_own_flags() -> None:
+    kserve = yaml.safe_load((K8S / "kserve" / "inferenceservice.yaml").read_text())
+    for args in (
+        deployment_container()["args"],
+        yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["model-server"]["command"],
+        kserve["spec"]["predictor"]["model"]["args"],
+    ):
+        assert {arg.removeprefix("--").split("=")[0] for arg in args} <= TENSORFLOW_MODEL_SERVER_FLAGS
+
+
+def test_our_shutdown_grace_period_ends_before_kubernetes_kills_the_pod() -> None:
+    pod = yaml.safe_load((K8S / "deployment.yaml").read_text())["spec"]["template"]["spec"]
+    grace_s = parse_args(["--model_base_path=/models/productlens"]).shutdown_grace_seconds
+    assert grace_s + 5 <= pod["terminationGracePeriodSeconds"]  # 5 s for the process to exit after the drain
+
+
+def test_only_labelled_clients_reach_the_model_server_in_kubernetes() -> None:
+    """tensorflow_model_server serves HandleReloadConfigRequest to anyone who reaches it: the pod network decides."""
+    policy = yaml.safe_load((K8S / "networkpolicy.yaml").read_text())
+    assert "networkpolicy.yaml" in yaml.safe_load((K8S / "kustomization.yaml").read_text())["resources"]
+    pods = yaml.safe_load((K8S / "deployment.yaml").read_text())["spec"]["template"]["metadata"]["labels"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= pods.items()
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    (rule,) = policy["spec"]["ingress"]
+    assert rule["from"] == [{"podSelector": {"matchLabels": {"productlens.io/model-client": "true"}}}]
+    assert sorted(port["port"] for port in rule["ports"]) == [8500, 8501]
+
+
+def test_docker_compose_publishes_the_model_server_on_the_hosts_loopback_by_default() -> None:
+    ports = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["model-server"]["ports"]
+    defaulted = [re.sub(r"\$\{(\w+):-([^}]*)\}", r"\2", port) for port in ports]  # compose's ${VAR:-default}
+    assert defaulted == [f"{LOOPBACK}:8500:8500", f"{LOOPBACK}:8501:8501"]
 
 
 def test_deployment_mounts_the_models_volume_and_the_config() -> None:

@@ -54,12 +54,17 @@ def postgres_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def test_postgres_knowledge_base_searches_and_filters_like_sqlite(postgres_url: str, tmp_path: Path) -> None:
+def built_knowledge_base(postgres_url: str, tmp_path: Path):  # noqa: ANN201
+    """Build the test catalog into the throwaway server with the real CLI; return an engine on it."""
     catalog = write_catalog(tmp_path / "catalog")
     params = write_params(tmp_path / "params.yaml", REPO_ROOT / "params.yaml")
     assert build_kb.main(["--catalog", str(catalog), "--params", str(params), "--db-url", postgres_url,
                           "--metrics", str(tmp_path / "m.json")]) == 0  # fmt: skip
-    engine = kb.make_engine(postgres_url)
+    return kb.make_engine(postgres_url)
+
+
+def test_postgres_knowledge_base_searches_and_filters_like_sqlite(postgres_url: str, tmp_path: Path) -> None:
+    engine = built_knowledge_base(postgres_url, tmp_path)
     with engine.connect() as conn:
         cards = kb.search_products(conn, "rtx 4070", limit=5)
         wd = kb.search_products(conn, "western digital", limit=5)
@@ -77,11 +82,7 @@ def test_postgres_knowledge_base_searches_and_filters_like_sqlite(postgres_url: 
 
 def test_postgres_lookup_of_an_id_no_product_can_have_finds_nothing(postgres_url: str, tmp_path: Path) -> None:
     """Ids past PostgreSQL's 32-bit INTEGER (and past 64 bits) are "no such product", not a database error."""
-    catalog = write_catalog(tmp_path / "catalog")
-    params = write_params(tmp_path / "params.yaml", REPO_ROOT / "params.yaml")
-    assert build_kb.main(["--catalog", str(catalog), "--params", str(params), "--db-url", postgres_url,
-                          "--metrics", str(tmp_path / "m.json")]) == 0  # fmt: skip
-    engine = kb.make_engine(postgres_url)
+    engine = built_knowledge_base(postgres_url, tmp_path)
     with engine.connect() as conn:
         first = kb.get_product(conn, 1)
         missing = {pid: kb.get_product(conn, pid) for pid in (0, -1, 2**31, 2**63, 10**20, -(10**20))}

@@ -34,7 +34,7 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from components.common.io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
-from components.common.params import load_params, load_section, section
+from components.common.params import build, load_params, section
 from components.common.reviews import (
     EXCLUDE_AMBIGUOUS,
     EXCLUDE_NOT_PRODUCT,
@@ -42,7 +42,7 @@ from components.common.reviews import (
     allowed_decisions,
     read_reviews,
 )
-from components.preprocess import PreprocessParams, split_of, usable_images
+from components.preprocess import SPLITS, PreprocessParams, split_of, usable_images
 
 ALIASES = {
     "ambiguous": EXCLUDE_AMBIGUOUS,
@@ -101,6 +101,14 @@ def _font(size: int) -> ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
+def _picture(path: Path, size: int) -> Image.Image:
+    """The image upright (EXIF orientation applied), in RGB, fitted into a `size` px square."""
+    with Image.open(path) as source:
+        picture = ImageOps.exif_transpose(source).convert("RGB")
+    picture.thumbnail((size, size))
+    return picture
+
+
 def contact_sheet(image_paths: Sequence[Path], tile: int, columns: int, first_number: int = 1) -> Image.Image:
     """Numbered tiles, each one image fitted into a `tile` px square; nothing but the number is drawn."""
     rows = max(1, math.ceil(len(image_paths) / columns))
@@ -110,9 +118,7 @@ def contact_sheet(image_paths: Sequence[Path], tile: int, columns: int, first_nu
     for index, path in enumerate(image_paths):
         x = TILE_GAP + (index % columns) * (tile + TILE_GAP)
         y = TILE_GAP + (index // columns) * (tile + TILE_GAP)
-        with Image.open(path) as source:
-            picture = ImageOps.exif_transpose(source).convert("RGB")
-        picture.thumbnail((tile, tile))
+        picture = _picture(path, tile)
         sheet.paste(picture, (x + (tile - picture.width) // 2, y + (tile - picture.height) // 2))
         label = str(first_number + index)
         box = draw.textbbox((x, y), label, font=font)
@@ -214,10 +220,11 @@ def record_decisions(
 
 
 def _load(args: argparse.Namespace) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
-    params = load_section(PreprocessParams, "preprocess", args.params)
+    params = load_params(args.params)
+    preprocess = build(PreprocessParams, section(params, "preprocess"), f"{args.params}:preprocess")
     manifest = pd.read_csv(args.manifest, keep_default_na=False)
-    classes = list(section(load_params(args.params), "validate")["expected_classes"])
-    return dataset_images(manifest, params), read_reviews(args.reviews), classes
+    classes = list(section(params, "validate")["expected_classes"])
+    return dataset_images(manifest, preprocess), read_reviews(args.reviews), classes
 
 
 def cmd_sheets(args: argparse.Namespace) -> int:
@@ -239,10 +246,7 @@ def cmd_zoom(args: argparse.Namespace) -> int:
     tiles = read_json(args.sheet)["tiles"]
     if str(args.tile) not in tiles:
         raise ReviewToolError(f"{args.sheet} has tiles 1..{len(tiles)}")
-    path = args.images / images.set_index("sha256").at[tiles[str(args.tile)], "path"]
-    with Image.open(path) as source:
-        picture = ImageOps.exif_transpose(source).convert("RGB")
-    picture.thumbnail((args.size, args.size))
+    picture = _picture(args.images / images.set_index("sha256").at[tiles[str(args.tile)], "path"], args.size)
     out = args.out / f"{args.sheet.stem}-tile{args.tile}.png"
     atomic_write_bytes(out, _png_bytes(picture))
     print(out)
@@ -276,7 +280,7 @@ def cmd_record(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     images, reviews, _ = _load(args)
     reviewed = images["sha256"].isin(set(reviews["sha256"]))
-    for split in ("train", "val", "test"):
+    for split in SPLITS:
         in_split = images["split"] == split
         print(f"{split:<6} {int((reviewed & in_split).sum()):>5} reviewed of {int(in_split.sum()):>5}")
     if args.issues is not None:
@@ -294,7 +298,7 @@ def parser(root: argparse.ArgumentParser | None = None) -> argparse.ArgumentPars
     commands = root.add_subparsers(dest="review_command", required=True)
 
     sheets = commands.add_parser("sheets", help="write numbered contact sheets of images still to review")
-    sheets.add_argument("--split", choices=["train", "val", "test"], help="review every image of this split")
+    sheets.add_argument("--split", choices=SPLITS, help="review every image of this split")
     sheets.add_argument("--issues", type=Path, help="label_issues.csv from audit_labels: review the flagged images")
     sheets.add_argument("--issue-splits", default="train,val", help="splits whose flagged images to review")
     sheets.add_argument("--out", type=Path, default=Path("reports/review"))

@@ -37,6 +37,7 @@ lint: setup ## Run ruff on the code
 
 .PHONY: pull
 pull: setup ## Fetch dataset v1 from the DVC remote (../shared/dvc-remote)
+	@test -d ../shared/dvc-remote || { echo "error: ../shared/dvc-remote not found: the DVC remote is read from shared/ beside this clone (clone the repo next to shared/, as CI does)" >&2; exit 2; }
 	$(BIN)/dvc pull data.dvc
 
 .PHONY: repro

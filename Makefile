@@ -32,8 +32,8 @@ setup: $(STAMP) ## Create .venv and install the pinned stack (quick when nothing
 
 .PHONY: lint
 lint: setup ## Run ruff on the code
-	$(BIN)/ruff check components pipelines serving recommender labelling tests bench
-	$(BIN)/ruff format --check components pipelines serving recommender labelling tests bench
+	$(BIN)/ruff check common components pipelines serving recommender labelling tests bench
+	$(BIN)/ruff format --check common components pipelines serving recommender labelling tests bench
 
 .PHONY: pull
 pull: setup ## Fetch dataset v1 from the DVC remote (../shared/dvc-remote)

@@ -81,7 +81,7 @@ def test_photos(limit: int) -> list[tuple[str, bytes]]:
 
 def stand_in_model(workdir: Path, photos: list[bytes]) -> Path:
     """Export the production architecture with ImageNet weights and an untrained head (latency proxy)."""
-    from components.common.params import load_params
+    from common.params import load_params
     from components.export import ExportParams, export
     from components.model import MobileNetParams, build_model
 

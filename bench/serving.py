@@ -43,8 +43,8 @@ from typing import Any
 
 import numpy as np
 
-from components.common.io import atomic_write_json
-from components.common.params import build, load_params, section
+from common.io import atomic_write_json
+from common.params import build, load_params, section
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("bench.serving")

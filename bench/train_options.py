@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from common.io import atomic_write_json, sha256_of_file
+from common.params import load_params, section
 from components.audit_labels import linear_probe
-from components.common.io import atomic_write_json, sha256_of_file
-from components.common.params import load_params, section
 from components.model import MobileNetParams, mobilenet_v2_base
 from components.train import Split, image_dataset, read_split, scale_for_mobilenet
 

@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from components.common.io import atomic_write_bytes, atomic_write_json, atomic_write_text
-from components.common.params import load_params, section
+from common.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from common.params import load_params, section
 from components.model import MobileNetParams
 from components.preprocess import SPLITS
 
@@ -45,7 +45,7 @@ class AuditParams:
 
 
 def load_audit_params(path: Path) -> tuple[AuditParams, MobileNetParams]:
-    from components.common.params import build
+    from common.params import build
 
     params = load_params(path)
     audit = build(AuditParams, section(params, "audit_labels"), f"{path}:audit_labels")

@@ -24,8 +24,8 @@ from typing import Any
 import pandas as pd
 from sqlalchemy import Engine, insert
 
-from components.common.io import atomic_write_json
-from components.common.params import load_params
+from common.io import atomic_write_json
+from common.params import load_params
 from components.validate import validate_catalog
 from recommender.brands import BrandExtractor, clean_name
 from recommender.kb import (
@@ -290,7 +290,7 @@ def build_sqlite(
 
 
 def load_params_for_kb(params_path: Path) -> tuple[RecommenderParams, list[str]]:
-    from components.common.params import build, section
+    from common.params import build, section
 
     raw = load_params(params_path)
     params = build(RecommenderParams, section(raw, "recommender"), f"{params_path}:recommender")

@@ -28,8 +28,8 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support, top_k_accuracy_score
 
-from components.common.io import atomic_write_bytes, atomic_write_json, atomic_write_text
-from components.common.params import load_section
+from common.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from common.params import load_section
 
 log = logging.getLogger("components.evaluate")
 

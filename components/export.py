@@ -59,9 +59,9 @@ import pandas as pd
 import tensorflow as tf
 import yaml
 
-from components.common.images import DEFAULT_MAX_PIXELS, decode_and_resize, fit_to_square
-from components.common.io import atomic_directory, atomic_write_json, read_json, sha256_of_file
-from components.common.params import ParamsError, build, load_params, section
+from common.images import DEFAULT_MAX_PIXELS, decode_and_resize, fit_to_square
+from common.io import atomic_directory, atomic_write_json, read_json, sha256_of_file
+from common.params import ParamsError, build, load_params, section
 
 log = logging.getLogger("components.export")
 

@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from components.common.io import atomic_write_json, read_json
-from components.common.params import load_section
+from common.io import atomic_write_json, read_json
+from common.params import load_section
 
 log = logging.getLogger("components.gate")
 

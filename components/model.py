@@ -14,7 +14,7 @@ from pathlib import Path
 
 import keras
 
-from components.common.io import sha256_of_file
+from common.io import sha256_of_file
 
 log = logging.getLogger("components.model")
 

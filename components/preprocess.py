@@ -19,9 +19,9 @@ from typing import Any
 
 import pandas as pd
 
-from components.common.io import atomic_directory, atomic_write_json
-from components.common.params import load_section
-from components.common.reviews import EXCLUDE_DECISIONS, apply_reviews, empty_reviews, read_reviews, review_counts
+from common.io import atomic_directory, atomic_write_json
+from common.params import load_section
+from common.reviews import EXCLUDE_DECISIONS, apply_reviews, empty_reviews, read_reviews, review_counts
 
 log = logging.getLogger("components.preprocess")
 

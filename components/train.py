@@ -23,9 +23,9 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from components.common.images import decode_and_resize
-from components.common.io import atomic_write_json
-from components.common.params import build, load_params, section
+from common.images import decode_and_resize
+from common.io import atomic_write_json
+from common.params import build, load_params, section
 from components.model import (
     ARCHITECTURES,
     AugmentParams,

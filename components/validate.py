@@ -23,9 +23,9 @@ import pandas as pd
 from great_expectations.data_context.types.base import ProgressBarsConfig
 from PIL import Image, UnidentifiedImageError
 
-from components.common.io import atomic_directory, atomic_write_json, atomic_write_text
-from components.common.params import load_section
-from components.common.reviews import allowed_decisions, read_reviews
+from common.io import atomic_directory, atomic_write_json, atomic_write_text
+from common.params import load_section
+from common.reviews import allowed_decisions, read_reviews
 
 log = logging.getLogger("components.validate")
 

@@ -33,9 +33,9 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from components.common.io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
-from components.common.params import build, load_params, section
-from components.common.reviews import (
+from common.io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
+from common.params import build, load_params, section
+from common.reviews import (
     EXCLUDE_AMBIGUOUS,
     EXCLUDE_NOT_PRODUCT,
     REVIEW_COLUMNS,

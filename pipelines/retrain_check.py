@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from components.common.io import atomic_write_text
-from components.common.params import load_section
+from common.io import atomic_write_text
+from common.params import load_section
 
 log = logging.getLogger("pipelines.retrain_check")
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from components.common.io import atomic_write_text, read_json
+from common.io import atomic_write_text, read_json
 
 log = logging.getLogger("pipelines.steps")
 

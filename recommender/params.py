@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from components.common.params import DEFAULT_PARAMS_PATH, load_section
+from common.params import DEFAULT_PARAMS_PATH, load_section
 
 
 @dataclass(frozen=True)

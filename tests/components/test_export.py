@@ -18,9 +18,9 @@ import tensorflow as tf
 import yaml
 from tensorflow_serving.apis import prediction_log_pb2
 
+from common.images import decode_and_resize
+from common.params import ParamsError
 from components import export as export_step
-from components.common.images import decode_and_resize
-from components.common.params import ParamsError
 from components.export import (
     ExportParams,
     InfraValidationError,

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from common.params import load_section
 from components import gate
-from components.common.params import load_section
 from components.gate import GateParams, champion_file, gate_decision
 from tests.conftest import REPO_ROOT
 

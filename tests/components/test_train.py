@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from common.params import ParamsError
 from components import train as train_step
-from components.common.params import ParamsError
 from components.train import balanced_class_weights, read_split, train_params_from
 from tests.fixtures.training import SyntheticData, tiny_train_values, train_tiny, write_params
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components.common.reviews import REVIEW_COLUMNS
+from common.reviews import REVIEW_COLUMNS
 from pipelines.steps import apply_overrides
 from tests.conftest import REPO_ROOT
 from tests.fixtures.pipeline_data import TINY_OVERRIDES, write_tiny_data

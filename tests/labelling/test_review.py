@@ -11,7 +11,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from components.common.reviews import REVIEW_COLUMNS, read_reviews
+from common.reviews import REVIEW_COLUMNS, read_reviews
 from components.validate import build_manifest
 from labelling import review
 from tests.fixtures.images import write_dataset

@@ -227,7 +227,7 @@ def test_classify_returns_the_top_k_labels_over_grpc_and_rest(target: Target, pr
 
 
 def test_predict_pixels_gives_the_same_answer_as_image_bytes(target: Target, predictions, in_process) -> None:
-    from components.common.images import decode_and_resize
+    from common.images import decode_and_resize
 
     image = target.images[0]
     pixels = decode_and_resize(tf.constant(image), 48).numpy()[None]  # any size: the signature resizes

@@ -36,7 +36,7 @@ import requests
 import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
-from components.common.io import read_json
+from common.io import read_json
 from tests.fixtures.model_server import DOUBLING_MODEL_NAME, ServerZygote, export_doubling_model, start_model_server
 
 RUNS = 20

@@ -31,9 +31,10 @@ $(STAMP): pyproject.toml requirements.lock
 setup: $(STAMP) ## Create .venv and install the pinned stack (quick when nothing changed)
 
 .PHONY: lint
-lint: setup ## Run ruff on the code
+lint: setup ## Run ruff and the import contracts (dependencies point one way: README, Layout)
 	$(BIN)/ruff check common components pipelines serving recommender labelling tests bench
 	$(BIN)/ruff format --check common components pipelines serving recommender labelling tests bench
+	$(BIN)/lint-imports
 
 .PHONY: pull
 pull: setup ## Fetch dataset v1 from the DVC remote (../shared/dvc-remote)

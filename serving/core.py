@@ -21,6 +21,7 @@ import grpc
 from tensorflow_serving.apis import get_model_status_pb2, model_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
+from serving import contract
 from serving.config import BatchingOptions, ConfigError, ModelConfig, check_model_roots, model_configs
 from serving.errors import ServingError, failed_precondition, invalid_argument, not_found, unavailable
 from serving.servable import ServableVersion, State
@@ -40,17 +41,6 @@ class CoreOptions:
     # Every base_path (startup config, config file polls, HandleReloadConfigRequest) must lie under one of these;
     # None: no restriction (the server always passes its --allowed_model_root folders).
     allowed_model_roots: tuple[Path, ...] | None = None
-
-
-def versions_on_disk(base_path: Path) -> set[int]:
-    """Integer-named directories under base_path; hidden staging directories and files are not versions."""
-    if not base_path.is_dir():
-        return set()
-    found = set()
-    for entry in base_path.iterdir():
-        if entry.name.isdigit() and entry.is_dir():
-            found.add(int(entry.name))
-    return found
 
 
 class _Model:
@@ -185,7 +175,7 @@ class ServerCore:
 
     def _reconcile_model(self, model: _Model) -> None:
         config = model.config
-        on_disk = versions_on_disk(config.base_path)
+        on_disk = set(contract.versions(config.base_path))
         if not on_disk and not model.warned_empty:
             log.warning("No versions of servable %s found under base path %s", config.name, config.base_path)
         model.warned_empty = not on_disk
@@ -348,4 +338,4 @@ class ServerCore:
             return sorted(self._models)
 
 
-__all__ = ["CoreOptions", "ServerCore", "ServingError", "versions_on_disk"]
+__all__ = ["CoreOptions", "ServerCore", "ServingError"]

@@ -19,18 +19,20 @@ from tensorflow_serving.apis import classification_pb2, input_pb2, predict_pb2, 
 
 from serving.batching import BatchScheduler
 from serving.config import BatchingOptions
+from serving.contract import (
+    CLASSIFY_CLASSES,
+    CLASSIFY_INPUTS,
+    CLASSIFY_SCORES,
+    INIT_OP_SIGNATURE,
+    SERVING_DEFAULT,
+    WARMUP_FILE,
+)
 from serving.errors import ServingError, failed_precondition, from_tf_error, internal, invalid_argument
 from serving.tensors import dtype_name, to_ndarray, to_tensor_proto
 
 log = logging.getLogger("serving.servable")
 
-DEFAULT_SIGNATURE = "serving_default"
-INIT_OP_SIGNATURE = "__saved_model_init_op"
-CLASSIFY_METHOD = "tensorflow/serving/classify"
-CLASSIFY_INPUTS = "inputs"
-CLASSIFY_CLASSES = "classes"
-CLASSIFY_SCORES = "scores"
-WARMUP_FILE = Path("assets.extra") / "tf_serving_warmup_requests"
+DEFAULT_SIGNATURE = SERVING_DEFAULT  # the name serving/rest_api.py imports until it imports serving.contract
 
 
 class State(enum.Enum):
@@ -66,7 +68,7 @@ class LoadedModel:
         return self.meta_graph.signature_def
 
     def signature(self, name: str, *, rest: bool = False):
-        name = name or DEFAULT_SIGNATURE
+        name = name or SERVING_DEFAULT
         sig = self.signature_defs.get(name) if name != INIT_OP_SIGNATURE else None
         if sig is None or name not in self._functions:
             if rest:
@@ -262,7 +264,7 @@ class ServableVersion:
         rest: bool = False,
     ) -> tuple[str, dict[str, np.ndarray]]:
         assert self.model is not None
-        signature = signature or DEFAULT_SIGNATURE
+        signature = signature or SERVING_DEFAULT
         sig = self.model.signature(signature, rest=rest)
         check_inputs(sig, signature, inputs, dtypes)
         wanted = check_output_filter(sig, output_filter)
@@ -289,7 +291,7 @@ class ServableVersion:
         self, request: classification_pb2.ClassificationRequest, timeout_s: float | None = None
     ) -> classification_pb2.ClassificationResponse:
         assert self.model is not None
-        signature = request.model_spec.signature_name or DEFAULT_SIGNATURE
+        signature = request.model_spec.signature_name or SERVING_DEFAULT
         sig = self.model.signature(signature)
         check_classification_signature(sig)
         examples = serialized_examples(request.input)

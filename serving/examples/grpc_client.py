@@ -1,4 +1,5 @@
-"""Classify a photo with a TensorFlow Serving gRPC client: only grpc and the stock tensorflow_serving.apis stubs.
+"""Classify a photo with a TensorFlow Serving gRPC client: grpc, the stock tensorflow_serving.apis stubs, and
+the signature and tensor names of serving/contract.py.
 
 Works unchanged against `make serve` and the official tensorflow/serving image:
 
@@ -19,6 +20,8 @@ import grpc
 import tensorflow as tf
 from tensorflow_serving.apis import classification_pb2, predict_pb2, prediction_service_pb2_grpc
 
+from serving.contract import CLASS_NAMES, CLASSIFICATION, IMAGE_BYTES, NOT_SURE_THRESHOLD, SCORES, SERVING_DEFAULT
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -28,7 +31,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     version = parser.add_mutually_exclusive_group()
     version.add_argument("--version", type=int, help="a version number (default: the latest loaded)")
     version.add_argument("--label", help="a version label from models.config, e.g. stable")
-    parser.add_argument("--classify", action="store_true", help="use the Classify API (signature 'classification')")
+    parser.add_argument("--classify", action="store_true", help=f"use the Classify API (signature '{CLASSIFICATION}')")
     parser.add_argument("--timeout", type=float, default=10.0, help="deadline in seconds")
     return parser.parse_args(argv)
 
@@ -43,14 +46,14 @@ def main(argv: list[str] | None = None) -> int:
             if args.classify:
                 request = classification_pb2.ClassificationRequest()
                 spec = request.model_spec
-                spec.signature_name = "classification"
+                spec.signature_name = CLASSIFICATION
                 example = request.input.example_list.examples.add()
-                example.features.feature["image_bytes"].bytes_list.value.append(image)
+                example.features.feature[IMAGE_BYTES].bytes_list.value.append(image)
             else:
                 request = predict_pb2.PredictRequest()
                 spec = request.model_spec
-                spec.signature_name = "serving_default"
-                request.inputs["image_bytes"].CopyFrom(tf.make_tensor_proto([image], dtype=tf.string, shape=[1]))
+                spec.signature_name = SERVING_DEFAULT
+                request.inputs[IMAGE_BYTES].CopyFrom(tf.make_tensor_proto([image], dtype=tf.string, shape=[1]))
             spec.name = args.model
             if args.version is not None:
                 spec.version.value = args.version
@@ -62,11 +65,11 @@ def main(argv: list[str] | None = None) -> int:
                 top = [(c.label, c.score) for c in response.result.classifications[0].classes]
             else:
                 response = stub.Predict(request, timeout=args.timeout)
-                names = tf.make_ndarray(response.outputs["class_names"])[0]
-                scores = tf.make_ndarray(response.outputs["scores"])[0]
+                names = tf.make_ndarray(response.outputs[CLASS_NAMES])[0]
+                scores = tf.make_ndarray(response.outputs[SCORES])[0]
                 top = [(name.decode(), float(score)) for name, score in zip(names, scores, strict=True)]
-                if "not_sure_threshold" in response.outputs:  # exports before it moved into the model lack it
-                    threshold = float(tf.make_ndarray(response.outputs["not_sure_threshold"])[0])
+                if NOT_SURE_THRESHOLD in response.outputs:  # exports before it moved into the model lack it
+                    threshold = float(tf.make_ndarray(response.outputs[NOT_SURE_THRESHOLD])[0])
         except grpc.RpcError as error:
             print(f"{error.code().name}: {error.details()}", file=sys.stderr)
             return 1

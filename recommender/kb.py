@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -386,7 +386,3 @@ def search_products(
 
 def count_products(conn: Connection) -> int:
     return int(conn.execute(select(func.count()).select_from(Product)).scalar_one())
-
-
-def rows_of(products: Sequence[ProductRow]) -> list[dict[str, Any]]:
-    return [p.to_dict() for p in products]

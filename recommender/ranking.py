@@ -11,6 +11,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from serving.contract import ClassScore
+
 Sort = Literal["best_value", "cheapest", "premium"]
 SORTS: tuple[str, ...] = ("best_value", "cheapest", "premium")
 
@@ -33,12 +35,6 @@ class ProductRow:
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "specs": dict(self.specs)}
-
-
-@dataclass(frozen=True)
-class ClassProbability:
-    class_name: str
-    probability: float
 
 
 # --------------------------------------------------------------------------- preferences
@@ -293,7 +289,7 @@ class CategoryChoice:
 
 @dataclass(frozen=True)
 class RecommendationResult:
-    top_class: ClassProbability
+    top_class: ClassScore
     uncertain: bool
     choices: list[CategoryChoice]
     products: list[Recommendation]
@@ -310,7 +306,7 @@ def _article(word: str) -> str:
 
 
 def choose_categories(
-    top_k: Sequence[ClassProbability],
+    top_k: Sequence[ClassScore],
     class_to_category: Mapping[str, str | None],
     not_sure_threshold: float,
     max_categories: int = 3,
@@ -352,7 +348,7 @@ def no_catalog_message(choice: CategoryChoice) -> str:
 
 
 def recommend(
-    top_k: Sequence[ClassProbability],
+    top_k: Sequence[ClassScore],
     rows_by_category: Mapping[str, Sequence[ProductRow]],
     preferences: Preferences,
     class_to_category: Mapping[str, str | None],

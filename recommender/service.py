@@ -18,11 +18,11 @@ from sqlalchemy import Engine
 from recommender import kb
 from recommender.client import Prediction, PredictionClient
 from recommender.params import RecommenderParams
-from recommender.ranking import ClassProbability, Preferences, RecommendationResult, choose_categories, recommend
+from recommender.ranking import Preferences, RecommendationResult, choose_categories, recommend
+from serving.contract import DEFAULT_MAX_PIXELS
 
 # What the exported model decodes (tf.io.decode_image); anything else is refused before the model call.
 ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "BMP")
-DEFAULT_MAX_PIXELS = 40_000_000  # a 40-megapixel photo; past this a decode is a memory bomb, not a photo
 
 
 class ImageRejected(ValueError):
@@ -146,11 +146,10 @@ class Recommender:
     ) -> tuple[RecommendationResult, dict[str, kb.CategoryFacts]]:
         mapping = self.class_to_category()
         params = self.params
-        top_k = [ClassProbability(c.class_name, c.probability) for c in prediction.top_k]
         # The served version's own threshold, so a new model version brings its own notion of "not sure".
         threshold = prediction.not_sure_threshold
         _, choices = choose_categories(
-            top_k, mapping, threshold, params.uncertain_max_categories, params.uncertain_min_probability
+            prediction.top_k, mapping, threshold, params.uncertain_max_categories, params.uncertain_min_probability
         )
         categories = list(dict.fromkeys(c.category for c in choices if c.category))
         with timings.hop("db"):
@@ -161,7 +160,7 @@ class Recommender:
                     rows = {c: kb.candidate_rows(conn, c, preferences, params.candidate_pool) for c in categories}
         with timings.hop("rank"):
             result = recommend(
-                top_k,
+                prediction.top_k,
                 rows,
                 preferences,
                 mapping,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from recommender.ranking import (
-    ClassProbability,
     PreferenceError,
     Preferences,
     ProductRow,
@@ -15,6 +14,7 @@ from recommender.ranking import (
     recommend,
     value_scores,
 )
+from serving.contract import ClassScore
 
 MAPPING = {"mouse": "mouse", "keyboard": "keyboard", "monitor": "monitor", "microphone": None, "cables": None}
 
@@ -115,7 +115,7 @@ def test_unreadable_preferences_are_refused_with_a_message() -> None:
 
 
 def test_confident_prediction_recommends_from_its_category_only() -> None:
-    top_k = [ClassProbability("mouse", 0.91), ClassProbability("keyboard", 0.05)]
+    top_k = [ClassScore("mouse", 0.91), ClassScore("keyboard", 0.05)]
     result = recommend(top_k, ROWS, Preferences(budget_max=100), MAPPING, not_sure_threshold=0.6, max_products=3)
     assert not result.uncertain and result.category == "mouse"
     assert {r.product.category for r in result.products} == {"mouse"}
@@ -124,7 +124,7 @@ def test_confident_prediction_recommends_from_its_category_only() -> None:
 
 
 def test_low_confidence_is_uncertain_with_labelled_candidates_from_the_top_categories() -> None:
-    top_k = [ClassProbability("mouse", 0.45), ClassProbability("keyboard", 0.35), ClassProbability("monitor", 0.15)]
+    top_k = [ClassScore("mouse", 0.45), ClassScore("keyboard", 0.35), ClassScore("monitor", 0.15)]
     result = recommend(top_k, ROWS, Preferences(), MAPPING, not_sure_threshold=0.6, max_products=6)
     assert result.uncertain and result.category is None
     assert [c.class_name for c in result.choices] == ["mouse", "keyboard", "monitor"]
@@ -139,7 +139,7 @@ def test_low_confidence_is_uncertain_with_labelled_candidates_from_the_top_categ
 
 
 def test_the_same_probabilities_are_uncertain_only_under_a_higher_threshold() -> None:
-    top_k = [ClassProbability("mouse", 0.72), ClassProbability("keyboard", 0.2)]
+    top_k = [ClassScore("mouse", 0.72), ClassScore("keyboard", 0.2)]
     lenient = recommend(top_k, ROWS, Preferences(), MAPPING, not_sure_threshold=0.7)
     strict = recommend(top_k, ROWS, Preferences(), MAPPING, not_sure_threshold=0.8)
     assert not lenient.uncertain and lenient.category == "mouse"
@@ -148,13 +148,13 @@ def test_the_same_probabilities_are_uncertain_only_under_a_higher_threshold() ->
 
 
 def test_a_third_candidate_needs_the_minimum_probability() -> None:
-    top_k = [ClassProbability("mouse", 0.5), ClassProbability("keyboard", 0.45), ClassProbability("monitor", 0.05)]
+    top_k = [ClassScore("mouse", 0.5), ClassScore("keyboard", 0.45), ClassScore("monitor", 0.05)]
     result = recommend(top_k, ROWS, Preferences(), MAPPING, not_sure_threshold=0.6, min_probability=0.1)
     assert [c.class_name for c in result.choices] == ["mouse", "keyboard"]
 
 
 def test_class_without_catalog_gets_a_clear_message_not_an_error() -> None:
-    top_k = [ClassProbability("microphone", 0.93), ClassProbability("headset", 0.04)]
+    top_k = [ClassScore("microphone", 0.93), ClassScore("headset", 0.04)]
     result = recommend(top_k, ROWS, Preferences(), MAPPING, not_sure_threshold=0.6)
     assert result.products == [] and result.category is None and not result.uncertain
     assert result.messages == [
@@ -164,7 +164,7 @@ def test_class_without_catalog_gets_a_clear_message_not_an_error() -> None:
 
 
 def test_nothing_matching_the_preferences_says_what_to_relax() -> None:
-    top_k = [ClassProbability("mouse", 0.9)]
+    top_k = [ClassScore("mouse", 0.9)]
     result = recommend(top_k, ROWS, Preferences(budget_max=5), MAPPING, not_sure_threshold=0.6)
     assert result.products == []
     assert result.messages == ["No mouse product matches your preferences; try a wider budget or fewer requirements."]

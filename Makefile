@@ -74,7 +74,7 @@ retrain-check: pull ## Retrain with the committed params (validate..gate, no exp
 	$(BIN)/python -m pipelines.retrain_check
 
 .PHONY: kb
-kb: pull ## Build the product knowledge base (dvc repro build_kb -> artifacts/kb/productlens.db)
+kb: pull ## Build the product knowledge base (dvc repro build_kb: python -m recommender.build_kb -> artifacts/kb/productlens.db)
 	$(BIN)/dvc repro build_kb
 
 .PHONY: app

@@ -3,6 +3,7 @@
 This is the first wall against the paper's mistake (split folders used as classes): the
 layout, the class list, every file's decodability and label conflicts are checked before
 anything is trained. Outputs a manifest (input of preprocess), metrics and GX Data Docs.
+The catalog expectations (common.catalog) are the knowledge-base builder's too.
 """
 
 from __future__ import annotations
@@ -14,15 +15,16 @@ import logging
 import re
 import sys
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import great_expectations as gx
 import pandas as pd
-from great_expectations.data_context.types.base import ProgressBarsConfig
 from PIL import Image, UnidentifiedImageError
 
+from common.catalog import catalog_checks, with_catalog_columns
+from common.expectations import MAX_EXAMPLES, Check, ValidationReport, run_checks
 from common.io import atomic_directory, atomic_write_json, atomic_write_text
 from common.params import load_section
 from common.reviews import allowed_decisions, read_reviews
@@ -33,7 +35,6 @@ MANIFEST_COLUMNS = [
     "path", "class_name", "in_class_folder", "bytes", "sha256", "format",
     "width", "height", "mode", "decodes", "error",
 ]  # fmt: skip
-MAX_EXAMPLES = 5
 
 
 @dataclass(frozen=True)
@@ -47,54 +48,6 @@ class ValidateParams:
     max_class_ratio: float
     split_folder_names: list[str]
     catalog_required_columns: list[str]
-
-
-@dataclass(frozen=True)
-class Check:
-    """One expectation with the sentence a person reads when it fails."""
-
-    table: str
-    expectation: Any
-    description: str
-    example_column: str | None = None
-    hint: str = ""
-
-
-@dataclass
-class CheckOutcome:
-    table: str
-    description: str
-    success: bool
-    unexpected_count: int
-    examples: list[str]
-    observed: Any = None
-    hint: str = ""
-
-    def sentence(self) -> str:
-        text = f"[{self.table}] {self.description}"
-        if self.unexpected_count:
-            text += f": {self.unexpected_count} offending"
-        if self.examples:
-            text += f", e.g. {', '.join(self.examples)}"
-        if self.observed is not None:
-            text += f" (observed: {self.observed})"
-        if self.hint:
-            text += f". {self.hint}"
-        return text
-
-
-@dataclass
-class ValidationReport:
-    outcomes: list[CheckOutcome]
-    raw_results: list[dict[str, Any]] = field(default_factory=list)
-
-    @property
-    def success(self) -> bool:
-        return all(o.success for o in self.outcomes)
-
-    @property
-    def failures(self) -> list[CheckOutcome]:
-        return [o for o in self.outcomes if not o.success]
 
 
 # --------------------------------------------------------------------------- images
@@ -348,182 +301,6 @@ def review_checks(params: ValidateParams) -> list[Check]:
     ]
 
 
-# --------------------------------------------------------------------------- catalog
-
-
-def catalog_checks(table: str, frame: pd.DataFrame, required_columns: list[str]) -> list[Check]:
-    """Expectations for one catalog CSV; column-value checks only for columns that exist."""
-    E = gx.expectations
-    checks = [
-        Check(table, E.ExpectColumnToExist(column=column), f"required column '{column}' is missing")
-        for column in required_columns
-    ]
-    if "name" in frame.columns:
-        checks.append(
-            Check(
-                table,
-                E.ExpectColumnValuesToBeInSet(column="name_is_blank", value_set=[False]),
-                "product name is empty",
-                "row",
-            )
-        )
-    if "price" in frame.columns:
-        checks += [
-            Check(
-                table,
-                E.ExpectColumnValuesToBeInSet(column="price_parses", value_set=[True]),
-                "price is neither empty nor a number",
-                "row",
-            ),
-            Check(
-                table,
-                E.ExpectColumnValuesToBeBetween(column="price_value", min_value=0, strict_min=True),
-                "price is not > 0",
-                "row",
-            ),
-        ]
-    return checks
-
-
-def with_catalog_columns(frame: pd.DataFrame) -> pd.DataFrame:
-    """Add the derived columns the catalog expectations read (blank names, parsed prices)."""
-    frame = frame.copy()
-    frame["row"] = [f"row {i + 2}" for i in range(len(frame))]  # +2: header line, 1-based
-    if "name" in frame.columns:
-        frame["name_is_blank"] = frame["name"].isna() | (frame["name"].astype(str).str.strip() == "")
-    if "price" in frame.columns:
-        numeric = pd.to_numeric(frame["price"], errors="coerce")
-        frame["price_parses"] = frame["price"].isna() | numeric.notna()
-        frame["price_value"] = numeric
-    return frame
-
-
-@dataclass
-class CatalogReport:
-    """Catalog validation for one frame: failed checks, and the reasons per offending row index."""
-
-    outcomes: list[CheckOutcome]
-    row_reasons: dict[int, list[str]]
-
-    @property
-    def failures(self) -> list[str]:
-        return [o.sentence() for o in self.outcomes if not o.success]
-
-
-def validate_catalog(frame: pd.DataFrame, required_columns: list[str], table: str = "catalog") -> CatalogReport:
-    """Run the catalog expectations on one frame (used by validate and by build_kb to skip bad rows)."""
-    prepared = with_catalog_columns(frame)
-    checks = catalog_checks(table, prepared, required_columns)
-    report, indices = run_checks({table: prepared}, checks)
-    row_reasons: dict[int, list[str]] = {}
-    for outcome, unexpected in zip(report.outcomes, indices, strict=True):
-        for index in unexpected:
-            row_reasons.setdefault(int(index), []).append(outcome.description)
-    return CatalogReport(report.outcomes, row_reasons)
-
-
-def catalog_failures(frame: pd.DataFrame, required_columns: list[str]) -> list[str]:
-    """Sentences for every catalog expectation that fails on `frame` (empty list = valid)."""
-    return validate_catalog(frame, required_columns).failures
-
-
-# --------------------------------------------------------------------------- GX runner
-
-
-def quiet_context(docs_dir: Path | None = None) -> Any:
-    """An ephemeral (in-memory, no cloud) GX context, optionally building Data Docs into `docs_dir`."""
-    context = gx.get_context(mode="ephemeral")
-    context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
-    if docs_dir is not None:
-        context.add_data_docs_site(
-            site_name="productlens",
-            site_config={
-                "class_name": "SiteBuilder",
-                "store_backend": {
-                    "class_name": "TupleFilesystemStoreBackend",
-                    "base_directory": str(docs_dir.resolve()),
-                },
-                "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-            },
-        )
-    return context
-
-
-def examples_for(frame: pd.DataFrame, indices: list[Any], column: str | None) -> list[str]:
-    if column is None:
-        return []
-    picked = [i for i in indices if i in frame.index][:MAX_EXAMPLES]
-    if column == "path_and_error":
-        return [f"{frame.at[i, 'path']} ({frame.at[i, 'error']})" for i in picked]
-    return [str(frame.at[i, column]) for i in picked]
-
-
-def run_checks(
-    tables: dict[str, pd.DataFrame], checks: list[Check], docs_dir: Path | None = None
-) -> tuple[ValidationReport, list[list[Any]]]:
-    """Run each table's expectations as one GX suite; return outcomes and each check's offending indices."""
-    context = quiet_context(docs_dir)
-    source = context.data_sources.add_pandas("productlens")
-    raw_results: list[dict[str, Any]] = []
-    results_by_check: dict[int, Any] = {}
-    for table, frame in tables.items():
-        table_checks = [(i, c) for i, c in enumerate(checks) if c.table == table]
-        if not table_checks:
-            continue
-        suite_name = re.sub(r"[^A-Za-z0-9_]+", "_", table)
-        batch = source.add_dataframe_asset(suite_name).add_batch_definition_whole_dataframe("all")
-        suite = context.suites.add(gx.ExpectationSuite(name=suite_name))
-        for _, check in table_checks:
-            suite.add_expectation(check.expectation)
-        definition = context.validation_definitions.add(
-            gx.ValidationDefinition(name=suite_name, data=batch, suite=suite)
-        )
-        actions = [gx.checkpoint.UpdateDataDocsAction(name="data_docs")] if docs_dir is not None else []
-        checkpoint = context.checkpoints.add(
-            gx.Checkpoint(
-                name=f"{suite_name}_checkpoint",
-                validation_definitions=[definition],
-                actions=actions,
-                result_format={"result_format": "COMPLETE"},
-            )
-        )
-        run = checkpoint.run(batch_parameters={"dataframe": frame})
-        suite_result = next(iter(run.run_results.values()))
-        raw_results.append(suite_result.to_json_dict())
-        # Results come back in suite order, which is the order the checks were added.
-        for (index, _), result in zip(table_checks, suite_result.results, strict=True):
-            results_by_check[index] = result
-
-    outcomes, indices = [], []
-    for index, check in enumerate(checks):
-        result = results_by_check[index]
-        details = result.result or {}
-        unexpected = list(details.get("unexpected_index_list") or [])
-        if result.exception_info and result.exception_info.get("raised_exception"):
-            details = {"observed_value": result.exception_info.get("exception_message")}
-        observed = details.get("observed_value")
-        if isinstance(observed, float):
-            observed = round(observed, 3)
-        if "partial_missing_list" in details:  # set expectations report both sides of the difference
-            observed = (
-                f"missing {sorted(details['partial_missing_list'])}, "
-                f"unexpected {sorted(details.get('partial_unexpected_list') or [])}"
-            )
-        outcomes.append(
-            CheckOutcome(
-                table=check.table,
-                description=check.description,
-                success=bool(result.success),
-                unexpected_count=int(details.get("unexpected_count") or 0),
-                examples=examples_for(tables[check.table], unexpected, check.example_column),
-                observed=None if result.success else observed,
-                hint="" if result.success else check.hint,
-            )
-        )
-        indices.append(unexpected)
-    return ValidationReport(outcomes, raw_results), indices
-
-
 # --------------------------------------------------------------------------- step
 
 
@@ -540,7 +317,7 @@ def validate_dataset(
     manifest = build_manifest(images_root, params.max_pixels)
     files = manifest.copy()
     files["classes_with_same_bytes"] = label_conflict_column(files)
-    files["path_and_error"] = files["path"]
+    files["path_and_error"] = [f"{path} ({error})" for path, error in zip(files["path"], files["error"], strict=True)]
     files["extension_matches_format"] = extension_matches_format(files)
     files["path_and_format"] = files["path"] + " (a " + files["format"].astype(str) + " file)"
     files["pixels"] = files["width"] * files["height"]  # NaN where the header could not be read

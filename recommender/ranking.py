@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 import re
-import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -16,8 +15,6 @@ from serving.contract import ClassScore
 Sort = Literal["best_value", "cheapest", "premium"]
 SORTS: tuple[str, ...] = ("best_value", "cheapest", "premium")
 
-# Value specs are compared with the category median; clipping keeps one absurd spec from dominating.
-QUALITY_CLIP = (0.25, 4.0)
 # A requirement key also matches these spec names (the catalog is not consistent across categories).
 SPEC_ALIASES = {"connection": ("connection", "connection_type"), "connection_type": ("connection_type", "connection")}
 
@@ -396,44 +393,7 @@ def _interleave(lists: Sequence[Sequence[Recommendation]]) -> list[Recommendatio
     return merged
 
 
-# --------------------------------------------------------------------------- value for money
-
-
-def quality_scores(specs: Sequence[Mapping[str, Any]], value_specs: Sequence[str]) -> list[float]:
-    """Per product: geometric mean over `value_specs` of spec / category median, clipped (1.0 = typical).
-
-    A spec a product lacks counts as typical, so missing data neither helps nor hurts.
-    """
-    medians: dict[str, float] = {}
-    for name in value_specs:
-        values = [float(s[name]) for s in specs if _positive_number(s.get(name))]
-        if values:
-            medians[name] = statistics.median(values)
-    scores = []
-    for spec in specs:
-        logs = [
-            math.log(min(max(float(spec[name]) / median, QUALITY_CLIP[0]), QUALITY_CLIP[1]))
-            for name, median in medians.items()
-            if _positive_number(spec.get(name))
-        ]
-        scores.append(math.exp(sum(logs) / len(medians)) if medians and logs else 1.0)
-    return scores
-
-
-def value_scores(prices: Sequence[float | None], qualities: Sequence[float]) -> list[float | None]:
-    """Quality per dollar relative to the category median price (1.0 = a typical product at a typical price)."""
-    priced = [p for p in prices if p is not None and p > 0]
-    if not priced:
-        return [None] * len(prices)
-    median = statistics.median(priced)
-    return [None if p is None or p <= 0 else q * median / p for p, q in zip(prices, qualities, strict=True)]
-
-
 # --------------------------------------------------------------------------- helpers
-
-
-def _positive_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 def _number(text: str) -> float | None:

@@ -21,9 +21,8 @@ import pytest
 import requests
 import yaml
 
-from components import build_kb
 from recommender import app as app_module
-from recommender import kb
+from recommender import build_kb, kb
 from recommender.app import Settings, create_app
 from tests.conftest import REPO_ROOT
 from tests.fixtures.catalog import write_catalog, write_params

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from components import build_kb
-from recommender import kb
+from recommender import build_kb, kb
 from recommender.ranking import Preferences, eligible
 from tests.conftest import REPO_ROOT
 from tests.fixtures.catalog import write_catalog, write_params

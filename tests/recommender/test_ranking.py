@@ -9,10 +9,8 @@ from recommender.ranking import (
     Preferences,
     ProductRow,
     SpecRequirement,
-    quality_scores,
     rank_products,
     recommend,
-    value_scores,
 )
 from serving.contract import ClassScore
 
@@ -168,15 +166,6 @@ def test_nothing_matching_the_preferences_says_what_to_relax() -> None:
     result = recommend(top_k, ROWS, Preferences(budget_max=5), MAPPING, not_sure_threshold=0.6)
     assert result.products == []
     assert result.messages == ["No mouse product matches your preferences; try a wider budget or fewer requirements."]
-
-
-def test_value_for_money_is_spec_quality_per_dollar_against_the_category_median() -> None:
-    specs = [{"memory": 8, "boost_clock": 2000}, {"memory": 16, "boost_clock": 2000}, {"memory": 12}, {}]
-    quality = quality_scores(specs, ["memory", "boost_clock"])
-    assert quality[0] < quality[2] < quality[1]
-    assert quality[3] == 1.0  # no value specs at all: typical
-    values = value_scores([100.0, 200.0, None, 150.0], [1.0, 1.0, 1.0, 1.0])
-    assert values == [1.5, 0.75, None, 1.0]
 
 
 def test_offers_of_the_same_product_name_are_listed_once() -> None:

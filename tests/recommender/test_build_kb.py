@@ -1,4 +1,4 @@
-"""build_kb: every catalog row becomes a product or is counted as skipped, with the reason."""
+"""build_kb: every catalog row becomes a product or is counted as skipped, with the reason; value for money."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from components import build_kb
-from recommender import kb
+from recommender import build_kb, kb
+from recommender.build_kb import quality_scores, value_scores
 from recommender.ranking import Preferences, eligible, rank_products
 from tests.conftest import REPO_ROOT
 from tests.fixtures.catalog import SMALL_CATALOG_SKIPPED, write_catalog, write_params
@@ -104,6 +104,15 @@ def test_missing_required_column_fails_the_build(tmp_path: Path) -> None:
                        "--metrics", str(tmp_path / "m.json")])  # fmt: skip
     assert not db.exists()
     assert not list(tmp_path.glob(".kb.db.*"))  # no half-built file left behind
+
+
+def test_value_for_money_is_spec_quality_per_dollar_against_the_category_median() -> None:
+    specs = [{"memory": 8, "boost_clock": 2000}, {"memory": 16, "boost_clock": 2000}, {"memory": 12}, {}]
+    quality = quality_scores(specs, ["memory", "boost_clock"])
+    assert quality[0] < quality[2] < quality[1]
+    assert quality[3] == 1.0  # no value specs at all: typical
+    values = value_scores([100.0, 200.0, None, 150.0], [1.0, 1.0, 1.0, 1.0])
+    assert values == [1.5, 0.75, None, 1.0]
 
 
 def test_mapping_to_a_category_without_catalog_fails_the_build(tmp_path: Path) -> None:

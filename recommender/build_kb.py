@@ -1,9 +1,12 @@
 """build_kb step: load the product catalog CSVs into the knowledge base (SQLite file by default).
 
 Every catalog row either becomes a product or is counted as skipped with its reason: the
-validate step's catalog expectations (empty name, price not a number or not > 0) and exact
-duplicate rows. Brands come from product names; specs are typed (bool, number, text) and a few
-are derived so that preferences work across categories (wireless, total_gb, pixels, ...).
+validate step's catalog expectations (common.catalog: empty name, price not a number or not > 0)
+and exact duplicate rows. Brands come from product names; specs are typed (bool, number, text) and
+a few are derived so that preferences work across categories (wireless, total_gb, pixels, ...).
+Each product gets its value for money against its category here, once, for the ranking to sort by.
+
+    python -m recommender.build_kb --catalog data/catalog --output artifacts/kb/productlens.db --metrics ...
 """
 
 from __future__ import annotations
@@ -11,12 +14,14 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
+import math
 import os
 import re
 import statistics
 import sys
 import tempfile
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,9 +29,9 @@ from typing import Any
 import pandas as pd
 from sqlalchemy import Engine, insert
 
+from common.catalog import validate_catalog
 from common.io import atomic_write_json
-from common.params import load_params
-from components.validate import validate_catalog
+from common.params import build, load_params, section
 from recommender.brands import BrandExtractor, clean_name
 from recommender.kb import (
     Category,
@@ -39,15 +44,16 @@ from recommender.kb import (
     sqlite_url,
 )
 from recommender.params import RecommenderParams
-from recommender.ranking import quality_scores, value_scores
 
-log = logging.getLogger("components.build_kb")
+log = logging.getLogger("recommender.build_kb")
 
 DUPLICATE_REASON = "exact duplicate of an earlier row"
 # Specs whose text is searched with the product name ("rtx 4070" finds cards named "Sapphire PULSE").
 KEYWORD_SPECS = ("chipset", "microarchitecture", "socket", "type", "interface", "form_factor", "panel_type")
 TOP_BRANDS = 5
 INSERT_BATCH = 5000
+# Value specs are compared with the category median; clipping keeps one absurd spec from dominating.
+QUALITY_CLIP = (0.25, 4.0)
 _INT = re.compile(r"[+-]?\d+")
 _FLOAT = re.compile(r"[+-]?(\d+\.\d*|\.\d+|\d+)([eE][+-]?\d+)?")
 _PAIR = re.compile(r"\s*(\d+(?:\.\d+)?)\s*,\s*(\d+(?:\.\d+)?)\s*")
@@ -144,6 +150,43 @@ def product_specs(category: str, cells: dict[str, Any]) -> dict[str, Any]:
         specs["resolution"] = f"{_whole(resolution[0])}x{_whole(resolution[1])}"
         specs["pixels"] = _whole(resolution[0] * resolution[1])
     return specs
+
+
+# --------------------------------------------------------------------------- value for money
+
+
+def quality_scores(specs: Sequence[Mapping[str, Any]], value_specs: Sequence[str]) -> list[float]:
+    """Per product: geometric mean over `value_specs` of spec / category median, clipped (1.0 = typical).
+
+    A spec a product lacks counts as typical, so missing data neither helps nor hurts.
+    """
+    medians: dict[str, float] = {}
+    for name in value_specs:
+        values = [float(s[name]) for s in specs if _positive_number(s.get(name))]
+        if values:
+            medians[name] = statistics.median(values)
+    scores = []
+    for spec in specs:
+        logs = [
+            math.log(min(max(float(spec[name]) / median, QUALITY_CLIP[0]), QUALITY_CLIP[1]))
+            for name, median in medians.items()
+            if _positive_number(spec.get(name))
+        ]
+        scores.append(math.exp(sum(logs) / len(medians)) if medians and logs else 1.0)
+    return scores
+
+
+def value_scores(prices: Sequence[float | None], qualities: Sequence[float]) -> list[float | None]:
+    """Quality per dollar relative to the category median price (1.0 = a typical product at a typical price)."""
+    priced = [p for p in prices if p is not None and p > 0]
+    if not priced:
+        return [None] * len(prices)
+    median = statistics.median(priced)
+    return [None if p is None or p <= 0 else q * median / p for p, q in zip(prices, qualities, strict=True)]
+
+
+def _positive_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 # --------------------------------------------------------------------------- build
@@ -290,8 +333,6 @@ def build_sqlite(
 
 
 def load_params_for_kb(params_path: Path) -> tuple[RecommenderParams, list[str]]:
-    from common.params import build, section
-
     raw = load_params(params_path)
     params = build(RecommenderParams, section(raw, "recommender"), f"{params_path}:recommender")
     required = list(section(raw, "validate")["catalog_required_columns"])
@@ -307,7 +348,7 @@ def summary(report: BuildReport) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m recommender.build_kb", description=__doc__.splitlines()[0])
     parser.add_argument("--catalog", type=Path, required=True, help="folder with <category>.csv files")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--output", type=Path, help="SQLite file to (re)build, e.g. artifacts/kb/productlens.db")

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import socket
 import statistics
 import subprocess
@@ -34,8 +33,12 @@ from pathlib import Path
 from typing import Any
 
 import recommender  # noqa: F401  - SQLite before TensorFlow (see recommender/__init__.py)
+from bench.photos import Photo, benchmark_photos
+from serving import contract
+from serving.process import model_server_process, stop
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+MODEL_NAME = "productlens"
 HOPS = ("upload", "model", "db", "rank", "http")
 
 
@@ -46,7 +49,8 @@ def free_port() -> int:
 
 
 @contextmanager
-def process(command: list[str], env: dict[str, str], log: Path, ready: Callable[[], bool], timeout_s: float = 180):
+def app_process(command: list[str], env: dict[str, str], log: Path, ready: Callable[[], bool], timeout_s: float = 180):
+    """Run the recommender app until the block ends; yield once `ready()` (its health check) is true."""
     with open(log, "wb") as out:
         proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
@@ -57,33 +61,15 @@ def process(command: list[str], env: dict[str, str], log: Path, ready: Callable[
             time.sleep(0.1)
         yield proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
-def test_photos(limit: int) -> list[tuple[str, bytes]]:
-    """Held-out test photos (artifacts/splits/test.csv), a few per class, in a fixed shuffled order."""
-    import pandas as pd
-
-    split = REPO_ROOT / "artifacts" / "splits" / "test.csv"
-    images = REPO_ROOT / "data" / "images"
-    if split.exists():
-        frame = pd.read_csv(split)
-        paths = [images / p for p in frame.groupby("class_name").head(3)["path"]]
-    else:
-        paths = sorted(images.glob("*/*.jpg"))[::50]
-    random.Random(0).shuffle(paths)
-    return [(p.parent.name, p.read_bytes()) for p in paths[:limit]]
+        stop(proc)
 
 
 def stand_in_model(workdir: Path, photos: list[bytes]) -> Path:
     """Export the production architecture with ImageNet weights and an untrained head (latency proxy)."""
     from common.params import load_params
-    from components.export import ExportParams, export
+    from components.export import ExportParams, export_candidate
     from components.model import MobileNetParams, build_model
+    from components.publish import publish_version
 
     train = load_params(REPO_ROOT / "params.yaml")["train"]
     class_names = json.loads((REPO_ROOT / "artifacts" / "splits" / "class_names.json").read_text())
@@ -93,17 +79,17 @@ def stand_in_model(workdir: Path, photos: list[bytes]) -> Path:
     model = build_model(train["architecture"], len(class_names), train["image_size"], weights=weights)
     path = workdir / "stand_in.keras"
     model.save(path)
-    result = export(
+    candidate = workdir / "candidate"
+    card = export_candidate(
         path,
         class_names,
         {"blessed": True, "reasons": ["benchmark stand-in: production architecture, untrained head"]},
-        workdir / "models",
+        {contract.NOT_SURE_THRESHOLD: 0.5},  # the stand-in's answers are timed, not judged
+        candidate,
         ExportParams(),
         photos,
-        not_sure_threshold=0.5,  # the stand-in's answers are timed, not judged
-        validate=False,
     )
-    return result.path.parent
+    return publish_version(candidate, workdir / "models" / card["model_name"], card).parent
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -163,20 +149,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
 
-    photos = test_photos(24)
+    photos: list[Photo] = benchmark_photos(24, per_class=3)
     workdir = Path(tempfile.mkdtemp(prefix="bench-recommender-"))
     base_path = args.model_base_path
     model_kind = "exported model"
-    if not any(p.name.isdigit() for p in base_path.glob("*")):
+    if not contract.versions(base_path):
         print(f"no exported model under {base_path}: exporting a stand-in with the production architecture")
-        base_path = stand_in_model(workdir, [b for _, b in photos])
+        base_path = stand_in_model(workdir, [photo.data for photo in photos])
         model_kind = "stand-in (production architecture, untrained head)"
-    grpc_port, app_port = free_port(), free_port()
-    grpc_address, app_url = f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{app_port}"
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(REPO_ROOT))
-    app_env = dict(env, PRODUCTLENS_MODEL_GRPC=grpc_address, PRODUCTLENS_MODEL_NAME="productlens")
-    if args.db_url:
-        app_env["PRODUCTLENS_DB_URL"] = args.db_url
+    app_port = free_port()
+    app_url = f"http://127.0.0.1:{app_port}"
 
     def healthy() -> bool:
         try:
@@ -184,17 +166,22 @@ def main(argv: list[str] | None = None) -> int:
         except http.RequestException:
             return False
 
-    ready_file = workdir / "ready.json"
-    model_cmd = [
-        sys.executable, "-m", "serving.server", "--host=127.0.0.1", f"--port={grpc_port}", "--model_name=productlens",
-        f"--model_base_path={base_path}", f"--ready_file={ready_file}",
-    ]  # fmt: skip
+    model_args = [f"--model_name={MODEL_NAME}", f"--model_base_path={base_path}", "--rest_api_port=0"]
     app_cmd = [sys.executable, "-m", "recommender.app", "--host", "127.0.0.1", "--port", str(app_port)]
     figures: dict[str, Any] = {"model": model_kind, "photos": len(photos), "levels": []}
     with ExitStack() as stack:
-        stack.enter_context(process(model_cmd, env, workdir / "model_server.log", ready_file.exists))
-        stack.enter_context(process(app_cmd, app_env, workdir / "app.log", healthy))
-        client = stack.enter_context(PredictionClient(grpc_address, timeout_s=30))
+        model_server = stack.enter_context(model_server_process(workdir / "model_server", model_args, timeout_s=180))
+        app_env = dict(
+            os.environ,
+            TF_CPP_MIN_LOG_LEVEL="2",
+            PYTHONPATH=str(REPO_ROOT),
+            PRODUCTLENS_MODEL_GRPC=model_server.grpc_address,
+            PRODUCTLENS_MODEL_NAME=MODEL_NAME,
+        )
+        if args.db_url:
+            app_env["PRODUCTLENS_DB_URL"] = args.db_url
+        stack.enter_context(app_process(app_cmd, app_env, workdir / "app.log", healthy))
+        client = stack.enter_context(PredictionClient(model_server.grpc_address, timeout_s=30))
         local = threading.local()
 
         def session() -> http.Session:
@@ -204,15 +191,15 @@ def main(argv: list[str] | None = None) -> int:
 
         def model_call(i: int) -> dict[str, float]:
             start = time.perf_counter()
-            client.predict_one(photos[i % len(photos)][1], top_k=3)
+            client.predict_one(photos[i % len(photos)].data, top_k=3)
             return {"total": (time.perf_counter() - start) * 1000}
 
         def end_to_end(i: int) -> dict[str, float]:
-            name, image = photos[i % len(photos)]
+            photo = photos[i % len(photos)]
             start = time.perf_counter()
             response = session().post(
                 f"{app_url}/v1/recommendations",
-                files={"image": (f"{name}.jpg", image, "image/jpeg")},
+                files={"image": (f"{photo.class_name}.jpg", photo.data, "image/jpeg")},
                 data={"budget_max": "300"},
                 timeout=60,
             )

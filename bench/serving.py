@@ -28,7 +28,6 @@ import base64
 import json
 import logging
 import os
-import random
 import resource
 import shutil
 import sys
@@ -43,10 +42,14 @@ from typing import Any
 
 import numpy as np
 
-from common.io import atomic_write_json
+from bench.photos import benchmark_photos
+from common.io import atomic_directory, atomic_write_json
 from common.params import build, load_params, section
+from serving import contract
+from serving.contract import IMAGE_BYTES, PROBABILITIES, SERVING_DEFAULT
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+MODEL_NAME = "productlens"  # the name the benchmark's server serves its copy under
 log = logging.getLogger("bench.serving")
 
 
@@ -112,25 +115,9 @@ def peak_rss_mb(pid: int | str = "self") -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def test_photos(count: int) -> list[bytes]:
-    """Held-out test photos (artifacts/splits/test.csv) in a fixed shuffled order, or synthetic ones."""
-    split = REPO_ROOT / "artifacts" / "splits" / "test.csv"
-    images = REPO_ROOT / "data" / "images"
-    if split.exists() and images.exists():
-        import pandas as pd
-
-        paths = [images / p for p in pd.read_csv(split, dtype={"path": "string"})["path"]]
-        random.Random(0).shuffle(paths)
-        return [p.read_bytes() for p in paths[:count]]
-    log.warning("no test split: using synthetic photos")
-    from tests.fixtures.images import jpeg_bytes, synthetic_image
-
-    return [jpeg_bytes(synthetic_image(i % 14, i, 256)) for i in range(count)]
-
-
 def stand_in_version(workdir: Path, photos: list[bytes]) -> Path:
     """Export the production architecture with ImageNet weights and an untrained head (same compute)."""
-    from components.export import ExportParams, export
+    from components.export import ExportParams, export_candidate
     from components.model import MobileNetParams, build_model
 
     train = load_params(REPO_ROOT / "params.yaml")["train"]
@@ -144,24 +131,23 @@ def stand_in_version(workdir: Path, photos: list[bytes]) -> Path:
     path = workdir / "stand_in.keras"
     model.save(path)
     gate = {"blessed": True, "reasons": ["benchmark stand-in: production architecture, untrained head"]}
+    candidate = workdir / "stand_in"
     # The stand-in's answers are timed, not judged: any threshold will do.
-    exported = export(
-        path, class_names, gate, workdir / "stand_in", ExportParams(), photos, not_sure_threshold=0.5, validate=False
-    )
-    return exported.path
+    evaluation = {contract.NOT_SURE_THRESHOLD: 0.5}
+    export_candidate(path, class_names, gate, evaluation, candidate, ExportParams(), photos)
+    return candidate
 
 
-def latest_version(base_path: Path) -> Path | None:
-    versions = [p for p in base_path.iterdir() if p.name.isdigit()] if base_path.is_dir() else []
-    return max(versions, key=lambda p: int(p.name)) if versions else None
+def latest_version_dir(base_path: Path) -> Path | None:
+    latest = contract.latest_version(base_path)
+    return base_path / str(latest) if latest is not None else None
 
 
 def copy_version(source: Path, base: Path, version: int) -> Path:
     """Publish a copy as base/<version> the way export does: a hidden directory, then one rename."""
-    staging = base / f".{version}.bench.tmp"
-    shutil.copytree(source, staging)
     final = base / str(version)
-    os.replace(staging, final)
+    with atomic_directory(final, replace=False) as staging:
+        shutil.copytree(source, staging, dirs_exist_ok=True)
     return final
 
 
@@ -205,15 +191,15 @@ class InProcess:
         import tensorflow as tf
 
         self.tf = tf
-        self.signature = tf.saved_model.load(str(version_dir)).signatures["serving_default"]
+        self.signature = tf.saved_model.load(str(version_dir)).signatures[SERVING_DEFAULT]
         self.photos = photos
         self.batch = batch
         for i in range(8):
             self.single(i)
-        self.signature(image_bytes=tf.constant(photos[:batch]))
+        self.signature(**{IMAGE_BYTES: tf.constant(photos[:batch])})
 
     def single(self, i: int) -> None:
-        self.signature(image_bytes=self.tf.constant([self.photos[i % len(self.photos)]]))["probabilities"].numpy()
+        self.signature(**{IMAGE_BYTES: self.tf.constant([self.photos[i % len(self.photos)]])})[PROBABILITIES].numpy()
 
     def batched(self, images: int) -> Cell:
         batches = max(1, images // self.batch)
@@ -222,7 +208,7 @@ class InProcess:
         for b in range(batches):
             chunk = [self.photos[(b * self.batch + j) % len(self.photos)] for j in range(self.batch)]
             t0 = time.perf_counter()
-            self.signature(image_bytes=self.tf.constant(chunk))["probabilities"].numpy()
+            self.signature(**{IMAGE_BYTES: self.tf.constant(chunk)})[PROBABILITIES].numpy()
             latencies.append((time.perf_counter() - t0) * 1000)
         elapsed = time.perf_counter() - started
         return Cell(f"in-process, batches of {self.batch}", 1, batches * self.batch, elapsed, latencies)
@@ -243,45 +229,48 @@ def main(argv: list[str] | None = None) -> int:
     import tensorflow as tf
     from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
-    from components.export import model_server_process
+    from serving.process import model_server_process
 
-    photos = test_photos(params.bench_images)
+    photos = [photo.data for photo in benchmark_photos(params.bench_images)]
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
         workdir = Path(tmp)
-        source = latest_version(args.base_path)
+        source = latest_version_dir(args.base_path)
         model_kind = f"exported version {source}" if source else ""
         if source is None:
             log.info("no export under %s: exporting a stand-in with the production architecture", args.base_path)
             source = stand_in_version(workdir, photos)
             model_kind = "stand-in: production architecture (params train:), ImageNet weights, untrained head"
-        card_path = source / "model_card.json"
+        card_path = contract.model_card_path(source)
         card = json.loads(card_path.read_text()) if card_path.exists() else {}
         log.info("benchmarking %s", model_kind)
         baseline = InProcess(source, photos, params.bench_batch_size)
         baseline.batched(params.bench_batch_size * 2)
         in_process_rss = peak_rss_mb()
 
-        served_base = workdir / "served" / "productlens"
+        served_base = workdir / "served" / MODEL_NAME
         served_base.mkdir(parents=True)
         copy_version(source, served_base, 1)
-        extra = ("--enable_batching", f"--batching_parameters_file={args.batching}")
-        with model_server_process(served_base, "productlens", workdir, 300, extra) as server:
-            pid = server["pid"]
-            channel = grpc.insecure_channel(f"127.0.0.1:{server['grpc_port']}")
+        server_args = [
+            f"--model_name={MODEL_NAME}", f"--model_base_path={served_base}", "--file_system_poll_wait_seconds=0.5",
+            "--enable_batching", f"--batching_parameters_file={args.batching}",
+        ]  # fmt: skip
+        with model_server_process(workdir / "server", server_args, timeout_s=300) as server:
+            pid = server.process.pid
+            channel = grpc.insecure_channel(server.grpc_address)
             stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
             requests_grpc = []
             for photo in photos:
                 request = predict_pb2.PredictRequest()
-                request.model_spec.name = "productlens"
-                request.model_spec.signature_name = "serving_default"
-                request.inputs["image_bytes"].CopyFrom(tf.make_tensor_proto([photo], dtype=tf.string, shape=[1]))
+                request.model_spec.name = MODEL_NAME
+                request.model_spec.signature_name = SERVING_DEFAULT
+                request.inputs[IMAGE_BYTES].CopyFrom(tf.make_tensor_proto([photo], dtype=tf.string, shape=[1]))
                 requests_grpc.append(request)
             bodies = [
                 json.dumps({"instances": [{"b64": base64.b64encode(photo).decode("ascii")}]}).encode()
                 for photo in photos
             ]
-            rest_url = f"http://127.0.0.1:{server['rest_port']}/v1/models/productlens:predict"
+            rest_url = f"{server.rest_url}/v1/models/{MODEL_NAME}:predict"
             sessions = threading.local()
 
             def grpc_call(i: int) -> None:

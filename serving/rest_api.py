@@ -9,16 +9,21 @@ Binary values travel as {"b64": "..."}; JSON numbers are converted to the signat
 is lenient where gRPC is strict, as in TF Serving). Errors are {"error": "..."} with TF Serving's
 HTTP status for the gRPC code (INVALID_ARGUMENT 400, NOT_FOUND 404, UNAVAILABLE 503, ...).
 
-The transport refuses what would hold a thread or memory: a body without one non-negative integer
-Content-Length (400, 411; Transfer-Encoding 501), over --max_request_bytes (413), JSON nested deeper than
-MAX_JSON_DEPTH (400); a connection whose next read does not arrive within the read timeout is closed.
+The transport is uvicorn (HTTP/1.1 keep-alive, by h11) running a Starlette app in a thread of the server
+process; requests run on worker threads. It refuses what would hold a connection or memory, answering in the
+same JSON error shape: a body without one non-negative integer Content-Length (400, 411; Transfer-Encoding 501),
+over --max_request_bytes (413), a request line and headers over MAX_HEADER_BYTES (431), JSON nested deeper than
+MAX_JSON_DEPTH (400). A connection that sends nothing for the read timeout while the server waits for its
+request is closed; an idle keep-alive connection is closed after the keep-alive timeout.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import contextlib
+import functools
 import json
 import logging
 import re
@@ -26,20 +31,28 @@ import socket
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import unquote
 
 import grpc
+import h11
 import numpy as np
+import uvicorn
 from google.protobuf import json_format
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+from starlette.routing import Route
 from tensorflow.core.example import example_pb2, feature_pb2
 from tensorflow.core.framework import types_pb2
 from tensorflow_serving.apis import classification_pb2, get_model_metadata_pb2, model_pb2
+from uvicorn.protocols.http.h11_impl import STATUS_PHRASES, H11Protocol
 
+from serving.contract import SERVING_DEFAULT
 from serving.core import ServerCore
 from serving.errors import ServingError, invalid_argument
 from serving.grpc_api import SIGNATURE_DEF_FIELD, model_metadata
-from serving.servable import DEFAULT_SIGNATURE
 from serving.tensors import NUMPY_OF, dtype_name
 
 log = logging.getLogger("serving.rest")
@@ -50,8 +63,15 @@ PREDICTION_PATH = re.compile(
 STATUS_PATH = re.compile(
     r"/v1/models(?:/([^/:]+))?(?:(?:/versions/(\d+))|(?:/labels/([^/:]+)))?(?:/(metadata))?", re.IGNORECASE
 )
-_DRAIN_LIMIT = 256 << 20
-_CONTENT_LENGTH = re.compile(r"[0-9]+")
+_DRAIN_LIMIT = 256 << 20  # an over-limit body is read (and dropped) up to this much before the 413
+# Request line + headers: once this much has arrived without them complete, h11 refuses the request (431).
+MAX_HEADER_BYTES = 64 << 10  # h11's default is 16 KiB; http.server took lines up to 64 KiB
+DEFAULT_KEEP_ALIVE_TIMEOUT_S = 30.0
+DEFAULT_NUM_THREADS = 64  # as --grpc_max_threads: a batch (up to 32) can fill from REST requests alone
+BACKLOG = 128  # connections the kernel queues before the event loop accepts them
+SERVER_NAME = "ProductLensModelServer"
+UVICORN_TICK_S = 0.1  # how often uvicorn's main loop looks at should_exit
+TRANSFER_ENCODING_REFUSED = "Transfer-Encoding is not supported: send the body with a Content-Length"
 # A predict body nests about 7 levels ({"inputs": {"pixels": [batch][h][w][3]}}); far deeper is an attack on the
 # recursive parsing (Python's JSON decoder stops at ~1,000 levels with a RecursionError).
 MAX_JSON_DEPTH = 64
@@ -297,7 +317,7 @@ class RestApi:
         raise invalid_argument(f"Malformed request: {method} {path}")
 
     def _predict(self, spec: model_pb2.ModelSpec, payload: dict) -> dict:
-        signature = _signature_name(payload) or DEFAULT_SIGNATURE
+        signature = _signature_name(payload) or SERVING_DEFAULT
         with self.core.servable(spec) as version:
             assert version.model is not None
             sig = version.model.signature(signature, rest=True)
@@ -355,179 +375,280 @@ def _check_depth(payload: dict) -> None:
         stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_version = "ProductLensModelServer"
-    server: RestServer
+# ----- the transport: uvicorn (HTTP/1.1 by h11) running a Starlette app ---------------------------------------
+def _json_response(status: int, payload: dict | str, close: bool = False) -> Response:
+    return _encoded_response(status, json.dumps(payload).encode("utf-8"), close)
 
-    def setup(self) -> None:
-        self.timeout = self.server.read_timeout_s  # StreamRequestHandler.setup() puts it on the socket: every read
-        super().setup()
-        # Headers and body go out in separate writes: without NODELAY, Nagle + the client's delayed ACK add ~40 ms.
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-    def parse_request(self) -> bool:
-        # The request line has arrived: from here until the response is written, shutdown waits for this request.
-        self.server.mark_busy(self.connection)
-        return super().parse_request()
+def _encoded_response(status: int, body: bytes, close: bool) -> Response:
+    # "Connection: close" makes uvicorn close the connection once the response is written.
+    return Response(body, status, headers={"connection": "close"} if close else None, media_type="application/json")
 
-    def handle_one_request(self) -> None:
-        """BaseHTTPRequestHandler's (a read that times out closes the connection), then back to idle."""
-        try:
-            super().handle_one_request()
-        finally:
-            self.server.mark_idle(self.connection)
-            if self.server.draining:
-                self.close_connection = True
 
-    def log_message(self, format: str, *args) -> None:  # noqa: A002 - BaseHTTPRequestHandler's signature
-        log.debug("%s - %s", self.address_string(), format % args)
+def protocol_error_message(error: BaseException | None) -> str:
+    """What a request that h11 refused before it reached the app did wrong (its own words, stated as a fix)."""
+    text = str(error) if error is not None else "malformed request"
+    if "Content-Length" in text:
+        return f"{text}: expected one non-negative integer"
+    if "Transfer-Encoding" in text:
+        return TRANSFER_ENCODING_REFUSED
+    if getattr(error, "error_status_hint", None) == 431:
+        return f"The request line and headers are larger than the server's limit of {MAX_HEADER_BYTES} bytes"
+    return f"Malformed HTTP request: {text}"
 
-    def do_GET(self) -> None:  # noqa: N802
-        self._serve("GET", b"")
 
-    def do_POST(self) -> None:  # noqa: N802
-        if self.headers.get("Transfer-Encoding") is not None:
-            self._reply(501, {"error": "Transfer-Encoding is not supported: send the body with a Content-Length"}, True)
+class ReadTimeoutH11Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1 connection, plus what it lacks against slow or careless clients:
+
+    - a read timeout: while the server waits for a client's bytes (a new connection's first request, the rest of
+      a request's headers or body), a connection that sends nothing for `read_timeout_s` is closed. Between
+      requests, uvicorn's keep-alive timeout applies instead; while a request runs, neither.
+    - requests h11 refuses (bad Content-Length, headers over the limit, ...) are answered in the API's JSON error
+      shape with h11's status (400, 431, 501), not uvicorn's plain-text 400.
+    - a client that half-closes after sending its request still gets the answer.
+    """
+
+    def __init__(self, *args, read_timeout_s: float | None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.read_timeout_s = read_timeout_s
+        self._last_read = 0.0
+        self._read_timer: asyncio.TimerHandle | None = None
+        self._eof = False
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        super().connection_made(transport)
+        self._last_read = self.loop.time()
+        self._arm_read_timer()
+
+    def data_received(self, data: bytes) -> None:
+        self._last_read = self.loop.time()
+        super().data_received(data)
+        self._arm_read_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = None
+        super().connection_lost(exc)
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        # True keeps the transport open to write the answer to a request that has fully arrived.
+        return self.conn.their_state is h11.DONE and self.cycle is not None and not self.cycle.response_complete
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._eof and not self.transport.is_closing():
+            self.transport.close()  # the client said it sends nothing more: no keep-alive
+
+    def _waiting_for_client(self) -> bool:
+        state = self.conn.their_state
+        if state is h11.SEND_BODY:
+            return True
+        # Idle: a new connection, or part of the next request has arrived (with nothing buffered, keep-alive rules).
+        return state is h11.IDLE and (self.cycle is None or bool(self.conn.trailing_data[0]))
+
+    def _arm_read_timer(self) -> None:
+        if self.read_timeout_s is not None and self._read_timer is None and self._waiting_for_client():
+            self._read_timer = self.loop.call_later(self.read_timeout_s, self._read_timed_out)
+
+    def _read_timed_out(self) -> None:
+        self._read_timer = None
+        if self.transport.is_closing() or not self._waiting_for_client():
             return
-        lengths = [value.strip() for value in self.headers.get_all("Content-Length") or []]
-        if not lengths:
-            self._reply(411, {"error": "Content-Length is required"}, close=True)
+        assert self.read_timeout_s is not None
+        quiet_s = self.loop.time() - self._last_read
+        if quiet_s < self.read_timeout_s:  # data came in meanwhile: wait out the rest from the last read
+            self._read_timer = self.loop.call_later(self.read_timeout_s - quiet_s, self._read_timed_out)
             return
-        if len(set(lengths)) != 1 or not _CONTENT_LENGTH.fullmatch(lengths[0]):
-            shown = ", ".join(lengths)[:60]
-            self._reply(400, {"error": f"bad Content-Length: {shown!r} (expected one non-negative integer)"}, True)
-            return
-        length = int(lengths[0])
-        limit = self.server.max_request_bytes
-        if length > limit:
-            self._drain(length)
-            self._reply(
-                413,
-                {"error": f"Request body of {length} bytes is larger than the server's limit of {limit} bytes"},
-                close=True,
-            )
-            return
-        body = self.rfile.read(length)
-        if len(body) < length:  # the client closed its side before sending the whole body: nobody to answer
-            self.close_connection = True
-            return
-        self._serve("POST", body)
+        log.debug("REST connection from %s sent nothing for %.1f s: closed", self.client, quiet_s)
+        self.transport.abort()
 
-    def _drain(self, length: int) -> None:
-        remaining = min(length, _DRAIN_LIMIT)
-        while remaining > 0:
-            chunk = self.rfile.read(min(remaining, 1 << 20))
-            if not chunk:
-                break
-            remaining -= len(chunk)
-
-    def _serve(self, method: str, body: bytes) -> None:
-        path = self.path
-        if not path.lower().startswith("/v1/"):
-            self._reply(404, {"error": f"Not found: {method} {path} (the API lives under /v1/models)"})
-            return
-        status, payload = self.server.api.handle(method, path, body)
-        self._reply(status, payload)
-
-    def _reply(self, status: int, payload, close: bool = False) -> None:
-        data = json.dumps(payload).encode("utf-8")
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        if close or self.server.draining:  # a shutting-down server takes no further request on this connection
-            self.send_header("Connection", "close")
-            self.close_connection = True
-        self.end_headers()
-        self.wfile.write(data)
+    def send_400_response(self, msg: str) -> None:
+        # uvicorn calls this inside its `except h11.RemoteProtocolError`: that error says what was wrong.
+        error = sys.exc_info()[1]
+        status = getattr(error, "error_status_hint", 400)
+        log.debug("REST request from %s refused (%d): %s", self.client, status, error)
+        body = json.dumps({"error": protocol_error_message(error)}).encode("utf-8")
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode("ascii")),
+            (b"connection", b"close"),
+        ]
+        for event in (
+            h11.Response(status_code=status, headers=headers, reason=STATUS_PHRASES[status]),
+            h11.Data(data=body),
+            h11.EndOfMessage(),
+        ):
+            self.transport.write(self.conn.send(event))
+        self.transport.close()
 
 
-class RestServer(ThreadingHTTPServer):
-    """The REST port: a thread per connection, every read bounded by `read_timeout_s`, and a `stop()` that lets
-    requests being handled finish while refusing new ones."""
-
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 128
+class RestServer:
+    """The REST port: uvicorn serving a Starlette app from its own thread, requests run on `num_threads` worker
+    threads (more wait for one), every read bounded by `read_timeout_s`, idle keep-alive connections closed after
+    `keep_alive_timeout_s`, and a `stop()` that lets requests being handled finish while refusing new ones."""
 
     def __init__(
-        self, address: tuple[str, int], api: RestApi, max_request_bytes: int, read_timeout_s: float | None = 30.0
+        self,
+        address: tuple[str, int],
+        api: RestApi,
+        max_request_bytes: int,
+        read_timeout_s: float | None = 30.0,
+        keep_alive_timeout_s: float = DEFAULT_KEEP_ALIVE_TIMEOUT_S,
+        num_threads: int = DEFAULT_NUM_THREADS,
     ) -> None:
-        if ":" in address[0]:
-            self.address_family = socket.AF_INET6
-        super().__init__(address, _Handler)
+        # Bound here, in the caller's thread: a port in use fails start-up, and port 0's pick is known at once.
+        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self._socket = socket.create_server(address, family=family, backlog=BACKLOG)
         self.api = api
         self.max_request_bytes = max_request_bytes
-        self.read_timeout_s = read_timeout_s
+        self.keep_alive_timeout_s = keep_alive_timeout_s
         self.draining = False
-        self._connections: dict[socket.socket, bool] = {}  # open connection -> busy (a request is being handled)
-        self._lock = threading.Lock()
+        self._in_flight = 0  # requests between their headers and their answer (changed on the event loop only)
+        self._cut_off = 0
+        self._executor = ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="rest")
+        app = Starlette(
+            routes=[Route("/{path:path}", self._endpoint, methods=["GET", "POST"])],
+            exception_handlers={HTTPException: self._http_exception},
+        )
+        config = uvicorn.Config(
+            app,
+            http=functools.partial(ReadTimeoutH11Protocol, read_timeout_s=read_timeout_s),
+            ws="none",
+            lifespan="off",
+            interface="asgi3",
+            log_config=None,  # the process's logging stays as main() set it up
+            access_log=False,
+            proxy_headers=False,
+            server_header=False,
+            headers=[("server", SERVER_NAME)],
+            backlog=BACKLOG,
+            timeout_keep_alive=keep_alive_timeout_s,  # a float works: it goes to loop.call_later
+            h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+        )
+        # uvicorn's INFO and WARNING lines are per connection or per bad request; its errors still show.
+        logging.getLogger("uvicorn.error").setLevel(logging.ERROR)
+        self._server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
 
     @property
     def port(self) -> int:
-        return int(self.server_address[1])
-
-    def process_request(self, request, client_address) -> None:
-        # Tracked from the accept loop, before the handler thread starts: a stop() right after sees it.
-        with self._lock:
-            self._connections[request] = False
-        super().process_request(request, client_address)
-
-    def shutdown_request(self, request) -> None:
-        with self._lock:
-            self._connections.pop(request, None)
-        super().shutdown_request(request)
-
-    def mark_busy(self, connection: socket.socket) -> None:
-        with self._lock:
-            self._connections[connection] = True
-
-    def mark_idle(self, connection: socket.socket) -> None:
-        with self._lock:
-            if connection in self._connections:
-                self._connections[connection] = False
+        return int(self._socket.getsockname()[1])
 
     @property
     def in_flight(self) -> int:
-        with self._lock:
-            return sum(self._connections.values())
+        return self._in_flight
 
-    def handle_error(self, request, client_address) -> None:
-        error = sys.exc_info()[1]
-        if isinstance(error, ConnectionError | TimeoutError):
-            log.debug("REST connection from %s ended: %s", client_address, error)
-            return
-        log.exception("REST connection from %s failed", client_address)
+    @property
+    def closes_connections(self) -> bool:
+        """Whether responses end their connection: while draining, or with keep-alive off (a 0 s timeout)."""
+        return self.draining or self.keep_alive_timeout_s <= 0
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self.serve_forever, args=(0.1,), name="rest", daemon=True)
+        """Serve from a thread of this process (signals stay with the main thread); returns once uvicorn serves."""
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [self._socket]}, name="rest", daemon=True
+        )
         self._thread.start()
+        while not self._server.started:
+            if not self._thread.is_alive():
+                raise OSError(f"the REST server on port {self.port} failed to start (see the log above)")
+            time.sleep(0.005)
 
     def stop(self, timeout_s: float = 5.0) -> int:
         """Refuse new connections and close idle ones; give requests being handled up to timeout_s to finish.
 
-        Returns how many requests were still being handled at the deadline (their connections are closed)."""
-        deadline = time.monotonic() + timeout_s
+        Returns how many requests were still being handled at the deadline (they are answered 503)."""
         self.draining = True
-        if self._thread is not None:
-            self.shutdown()  # the accept loop ends within its 0.1 s poll
-        self.server_close()  # the listening socket: connecting is refused from here on
-        while True:
-            self._close_connections(idle_only=True)
-            with self._lock:
-                if not self._connections:
-                    return 0
-            if time.monotonic() >= deadline:
-                break
-            time.sleep(0.01)
-        cut_off = self.in_flight
-        self._close_connections(idle_only=False)
-        return cut_off
+        if self._thread is None:
+            self._socket.close()
+            return 0
+        # uvicorn notices should_exit within its 0.1 s tick and sleeps 0.1 s before it starts waiting.
+        self._server.config.timeout_graceful_shutdown = max(timeout_s - 2 * UVICORN_TICK_S, 0.0)
+        self._server.should_exit = True
+        self._thread.join(timeout_s + 1.0)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._thread.is_alive():
+            log.error("The REST server did not stop within %.1f s", timeout_s + 1.0)
+            return max(self._in_flight, 1)
+        return self._cut_off
 
-    def _close_connections(self, idle_only: bool) -> None:
-        with self._lock:
-            chosen = [conn for conn, busy in self._connections.items() if not (idle_only and busy)]
-        for connection in chosen:
-            with contextlib.suppress(OSError):  # already closed by its own thread
-                connection.shutdown(socket.SHUT_RDWR)
+    # ----- the app -----------------------------------------------------------------------------------------
+    async def _endpoint(self, request: Request) -> Response:
+        self._in_flight += 1
+        try:
+            return await self._serve(request)
+        except asyncio.CancelledError:  # uvicorn's graceful-shutdown timeout ran out while this request ran
+            self._cut_off += 1
+            return _json_response(503, {"error": "The server shut down before this request finished"}, close=True)
+        except ClientDisconnect:  # the client closed the connection before sending the whole body
+            return Response(status_code=400)  # nobody reads it: uvicorn drops what it sends to a closed connection
+        finally:
+            self._in_flight -= 1
+
+    async def _serve(self, request: Request) -> Response:
+        method = request.method
+        if method not in ("GET", "POST"):  # HEAD (Starlette adds it to GET routes)
+            return self._unsupported_method(method)
+        query = request.scope["query_string"].decode("latin-1")
+        target = request.scope["raw_path"].decode("latin-1") + (f"?{query}" if query else "")
+        body = b""
+        if method == "POST":
+            refusal = await self._refuse_body(request)
+            if refusal is not None:
+                return refusal
+            body = await request.body()
+        if not target.lower().startswith("/v1/"):
+            return self._not_found(method, target)
+        future = self._executor.submit(self._handle, method, target, body)
+        status, data = await asyncio.wrap_future(future)
+        return _encoded_response(status, data, close=self.closes_connections)
+
+    def _handle(self, method: str, target: str, body: bytes) -> tuple[int, bytes]:
+        """On a worker thread: the API call and its JSON encoding (both can take a while)."""
+        status, payload = self.api.handle(method, target, body)
+        return status, json.dumps(payload).encode("utf-8")
+
+    async def _refuse_body(self, request: Request) -> Response | None:
+        """A POST whose body the server will not read: its answer (the connection closes after it)."""
+        headers = request.headers
+        if "transfer-encoding" in headers:  # h11 reads chunked bodies; TF Serving's REST API takes Content-Length
+            return _json_response(501, {"error": TRANSFER_ENCODING_REFUSED}, close=True)
+        if "content-length" not in headers:  # h11 has checked it is one non-negative integer
+            return _json_response(411, {"error": "Content-Length is required"}, close=True)
+        length = int(headers["content-length"])
+        limit = self.max_request_bytes
+        if length <= limit:
+            return None
+        if headers.get("expect", "").lower() != "100-continue":  # else the client waits: nothing to drain
+            await self._drain(request, length)
+        message = f"Request body of {length} bytes is larger than the server's limit of {limit} bytes"
+        return _json_response(413, {"error": message}, close=True)
+
+    @staticmethod
+    async def _drain(request: Request, length: int) -> None:
+        """Read (and drop) the body up to _DRAIN_LIMIT: closing on unread bytes would reset the connection before
+        the client reads the answer."""
+        remaining = min(length, _DRAIN_LIMIT)
+        async with contextlib.aclosing(request.stream()) as chunks:
+            async for chunk in chunks:
+                remaining -= len(chunk)
+                if remaining <= 0:
+                    break
+
+    def _not_found(self, method: str, target: str) -> Response:
+        message = f"Not found: {method} {target} (the API lives under /v1/models)"
+        return _json_response(404, {"error": message}, close=self.closes_connections)
+
+    def _unsupported_method(self, method: str) -> Response:
+        return _json_response(501, {"error": f"Unsupported method ({method!r})"}, close=self.closes_connections)
+
+    async def _http_exception(self, request: Request, error: Exception) -> Response:
+        """Starlette's own refusals (a method the route does not take, a path that is not one) in the API's shape."""
+        assert isinstance(error, HTTPException)
+        if error.status_code == 405:
+            return self._unsupported_method(request.method)
+        if error.status_code == 404:
+            return self._not_found(request.method, request.url.path)
+        return _json_response(error.status_code, {"error": error.detail}, close=self.closes_connections)

@@ -14,7 +14,8 @@ Safer than tensorflow_model_server, with flags it does not have: both ports bind
 non-loopback address unless $PRODUCTLENS_RELOAD_CONFIG_TOKEN is set, and then needs that token
 (--reload_config_rpc); on SIGTERM or SIGINT the server refuses new requests and gives in-flight ones
 --shutdown_grace_seconds to finish; a REST connection that stalls for --rest_api_read_timeout_in_ms
-is closed.
+while the server waits for its request is closed, and an idle keep-alive one after
+--rest_api_keep_alive_timeout_in_ms.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from typing import NoReturn
 import grpc
 import tensorflow as tf
 
-from components.common.io import atomic_write_json
+from common.io import atomic_write_json
 from serving.config import (
     BatchingOptions,
     ConfigError,
@@ -46,7 +47,7 @@ from serving.config import (
 )
 from serving.core import CoreOptions, ServerCore
 from serving.grpc_api import RELOAD_TOKEN_ENV, InFlight, InFlightInterceptor, ReloadAccess, add_services
-from serving.rest_api import RestApi, RestServer
+from serving.rest_api import DEFAULT_KEEP_ALIVE_TIMEOUT_S, DEFAULT_NUM_THREADS, RestApi, RestServer
 
 log = logging.getLogger("serving.server")
 
@@ -101,6 +102,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=30_000,
         help="close a REST connection whose next read (request line, headers, body chunk) takes longer; 0: never",
     )
+    add(
+        "--rest_api_keep_alive_timeout_in_ms",
+        type=int,
+        default=int(DEFAULT_KEEP_ALIVE_TIMEOUT_S * 1000),
+        help="close a REST connection idle this long after a response (behind a load balancer: longer than its "
+        "idle timeout); 0: close after every response",
+    )
+    add("--rest_api_num_threads", type=int, default=DEFAULT_NUM_THREADS, help="threads that run REST requests")
     add("--model_config_file", type=Path, help="ModelServerConfig text proto (models.config)")
     add("--model_config_file_poll_wait_seconds", type=float, default=0, help="re-read the config file; 0 = read once")
     add("--model_name", default="default", help="with --model_base_path, when there is no --model_config_file")
@@ -225,6 +234,8 @@ class ModelServer:
                 RestApi(self.core, timeout),
                 args.max_request_bytes,
                 read_timeout_s=read_timeout,
+                keep_alive_timeout_s=max(args.rest_api_keep_alive_timeout_in_ms, 0) / 1000,
+                num_threads=args.rest_api_num_threads,
             )
             self.rest_server.start()
             self.rest_port = self.rest_server.port

@@ -2,58 +2,64 @@
 
 Works against `python -m serving.server` and a real tensorflow_model_server alike: the request
 names the model, the signature and (optionally) a version or a version label; every call has a
-deadline; only UNAVAILABLE (server starting, restarting, unreachable) is retried, with backoff.
+deadline; only UNAVAILABLE (server starting, restarting, unreachable) is retried, by gRPC itself
+(the retry policy in the channel's service config), with backoff.
 
 Each answer carries the served version's own "not sure" threshold (its `not_sure_threshold` output,
 chosen by evaluate on val): a model without it is an error, never a silent default.
+
+Importing this module loads TensorFlow: `tensorflow_serving.apis` is generated from protos that import
+TensorFlow's (`tensorflow.core.framework`), and importing that package runs `tensorflow/__init__.py`. So the
+client uses TensorFlow's own TensorProto <-> NumPy conversion (`make_tensor_proto`, `make_ndarray`).
 """
 
 from __future__ import annotations
 
-import logging
-import random
-import re
-import time
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
 import numpy as np
+import tensorflow as tf
 from tensorflow_serving.apis import get_model_metadata_pb2, predict_pb2, prediction_service_pb2_grpc
 
-log = logging.getLogger("recommender.client")
+from serving.contract import (
+    CLASS_NAMES,
+    IMAGE_BYTES,
+    NOT_SURE_THRESHOLD,
+    PROBABILITIES,
+    SCORES,
+    SERVING_DEFAULT,
+    ClassScore,
+    readable_error,
+)
 
 T = TypeVar("T")
 
-INPUT_NAME = "image_bytes"
-PROBABILITIES = "probabilities"
-CLASS_NAMES = "class_names"
-SCORES = "scores"
-NOT_SURE_THRESHOLD = "not_sure_threshold"
-DT_STRING = 7  # tensorflow.DataType.DT_STRING; the proto enum, without importing TensorFlow's Python API
-DT_FLOAT = 1
-DT_DOUBLE = 2
+PREDICTION_SERVICE = "tensorflow.serving.PredictionService"
 # Largest message we accept from the server: a batch of probabilities is tiny, but keep room.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# gRPC keeps a request for retrying only while it fits this buffer (default 256 KiB, less than a photo):
+# room for the largest upload the app takes (10 MiB) and more.
+RETRY_BUFFER_BYTES = 32 * 1024 * 1024
 INITIAL_RECONNECT_BACKOFF_MS = 100
 MAX_RECONNECT_BACKOFF_MS = 1000
 
 
-# TensorFlow's runtime decorations of an op error: where it happened, not what went wrong.
-_TF_NODE = re.compile(r"\s*\[\[[^\]]*\]\]")  # [[{{node map/while/DecodeImage}}]], [[StatefulPartitionedCall]]
-_TF_FUNCTION = re.compile(r"\{\{function_node [^}]*\}\}\s*")  # {{function_node __inference_...}}
-_TF_CPP_CALL = re.compile(r"\b\w+::\w+ failed\.\s*")  # jpeg::Uncompress failed.
-_TF_NOISE_LINE = re.compile(r"^(Graph execution error:|Detected at node\b.*|<stack traces unavailable>)$")
-
-
-def without_tensorflow_internals(details: str) -> str:
-    """The first line of a model server's error that says what went wrong, without TensorFlow's node names,
-    function names or C++ call sites (tensorflow_model_server appends them to every op error)."""
-    text = _TF_FUNCTION.sub("", _TF_NODE.sub("", details))
-    lines = [_TF_CPP_CALL.sub("", line).strip() for line in text.splitlines()]
-    kept = [line for line in lines if line and not _TF_NOISE_LINE.match(line)]
-    return kept[0] if kept else "no reason given"
+def retry_service_config(attempts: int, backoff_s: float, max_backoff_s: float) -> str:
+    """The channel's service config: every PredictionService call is tried up to `attempts` times (gRPC caps
+    it at 5) while the answer is UNAVAILABLE, waiting a random time up to `backoff_s`, doubling to
+    `max_backoff_s`, between tries. Other codes, and DEADLINE_EXCEEDED, are final."""
+    policy = {
+        "maxAttempts": attempts,
+        "initialBackoff": f"{backoff_s}s",
+        "maxBackoff": f"{max_backoff_s}s",
+        "backoffMultiplier": 2,
+        "retryableStatusCodes": [grpc.StatusCode.UNAVAILABLE.name],
+    }
+    return json.dumps({"methodConfig": [{"name": [{"service": PREDICTION_SERVICE}], "retryPolicy": policy}]})
 
 
 class ModelServerError(RuntimeError):
@@ -83,12 +89,6 @@ class IncompatibleModelError(ModelServerError):
 
 
 @dataclass(frozen=True)
-class ClassScore:
-    class_name: str
-    probability: float
-
-
-@dataclass(frozen=True)
 class Prediction:
     """Top-k classes of one image, most probable first, the model version that answered, and that
     version's not-sure threshold (a top-1 probability under it means "not sure")."""
@@ -103,36 +103,6 @@ class Prediction:
         return self.top_k[0]
 
 
-def string_tensor(values: Sequence[bytes]) -> Any:
-    """A 1-D DT_STRING TensorProto (what `tf.make_tensor_proto` builds, without TensorFlow)."""
-    from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2
-
-    return tensor_pb2.TensorProto(
-        dtype=DT_STRING,
-        tensor_shape=tensor_shape_pb2.TensorShapeProto(dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=len(values))]),
-        string_val=list(values),
-    )
-
-
-def tensor_to_array(proto: Any) -> np.ndarray:
-    """Decode a float or string TensorProto (packed `tensor_content` or the typed `*_val` fields)."""
-    shape = [d.size for d in proto.tensor_shape.dim]
-    if proto.dtype == DT_STRING:
-        array = np.array(list(proto.string_val), dtype=object)
-    elif proto.dtype in (DT_FLOAT, DT_DOUBLE):
-        dtype = np.float32 if proto.dtype == DT_FLOAT else np.float64
-        if proto.tensor_content:
-            array = np.frombuffer(proto.tensor_content, dtype=dtype)
-        else:
-            array = np.array(proto.float_val if proto.dtype == DT_FLOAT else proto.double_val, dtype=dtype)
-    else:
-        raise ValueError(f"unexpected tensor dtype {proto.dtype} (expected float or string)")
-    count = int(np.prod(shape)) if shape else 1
-    if array.size == 1 and count > 1:  # TF's compact form: one value repeated
-        array = np.repeat(array, count)
-    return array.reshape(shape)
-
-
 class PredictionClient:
     """A PredictionService client bound to one model, signature and (optional) version or label."""
 
@@ -140,38 +110,39 @@ class PredictionClient:
         self,
         target: str,
         model_name: str = "productlens",
-        signature_name: str = "serving_default",
+        signature_name: str = SERVING_DEFAULT,
         version: int | None = None,
         version_label: str | None = None,
         timeout_s: float = 5.0,
         retries: int = 3,
         backoff_s: float = 0.1,
         max_backoff_s: float = 2.0,
-        sleep: Callable[[float], None] = time.sleep,
     ):
         if version is not None and version_label:
             raise ValueError("give a model version or a version label, not both")
+        if not 0 <= retries <= 4:
+            raise ValueError(f"retries must be 0 to 4 (gRPC makes at most 5 attempts), got {retries}")
         self.target = target
         self.model_name = model_name
         self.signature_name = signature_name
         self.version = version
         self.version_label = version_label
         self.timeout_s = timeout_s
-        self.retries = retries
-        self.backoff_s = backoff_s
-        self.max_backoff_s = max_backoff_s
-        self._sleep = sleep
-        self._channel = grpc.insecure_channel(
-            target,
-            options=[
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                # gRPC's default reconnect backoff grows 1.6x up to 120 s, so after a model server restart the
-                # app would fail fast for seconds to minutes more; retry connecting at least once a second.
-                ("grpc.initial_reconnect_backoff_ms", INITIAL_RECONNECT_BACKOFF_MS),
-                ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
-            ],
-        )
+        options: list[tuple[str, Any]] = [
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            # gRPC's default reconnect backoff grows 1.6x up to 120 s, so after a model server restart the
+            # app would fail fast for seconds to minutes more; retry connecting at least once a second.
+            ("grpc.initial_reconnect_backoff_ms", INITIAL_RECONNECT_BACKOFF_MS),
+            ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
+        ]
+        if retries:
+            options += [
+                ("grpc.enable_retries", 1),
+                ("grpc.service_config", retry_service_config(retries + 1, backoff_s, max_backoff_s)),
+                ("grpc.per_rpc_retry_buffer_size", RETRY_BUFFER_BYTES),
+            ]
+        self._channel = grpc.insecure_channel(target, options=options)
         self._stub = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
 
     def close(self) -> None:
@@ -192,39 +163,29 @@ class PredictionClient:
         elif self.version_label:
             spec.version_label = self.version_label
 
-    def _call(self, what: str, method: Callable[..., T], request: Any, timeout_s: float | None = None) -> T:
-        """Call with a deadline; retry UNAVAILABLE with exponential backoff and jitter, nothing else."""
+    def _call(self, method: Callable[..., T], request: Any, timeout_s: float | None = None) -> T:
+        """Call with a deadline (covering gRPC's retries of UNAVAILABLE); errors as ModelServerError."""
         timeout = self.timeout_s if timeout_s is None else timeout_s
-        delay = self.backoff_s
-        for attempt in range(self.retries + 1):
-            try:
-                return method(request, timeout=timeout)
-            except grpc.RpcError as error:
-                code, details = error.code(), error.details() or ""
-                if code == grpc.StatusCode.UNAVAILABLE and attempt < self.retries:
-                    log.warning(
-                        "%s: model server unavailable (%s), retry %d in %.2fs", what, details, attempt + 1, delay
-                    )
-                    self._sleep(delay * random.uniform(0.5, 1.0))
-                    delay = min(delay * 2, self.max_backoff_s)
-                    continue
-                if code == grpc.StatusCode.UNAVAILABLE:
-                    raise ModelUnavailableError(
-                        code, f"cannot reach the model server at {self.target} ({details}); is it running?"
-                    ) from error
-                if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-                    raise ModelUnavailableError(
-                        code, f"the model server at {self.target} did not answer within {timeout:.1f}s"
-                    ) from error
-                raise ModelServerError(code, without_tensorflow_internals(details), details) from error
-        raise AssertionError("unreachable")
+        try:
+            return method(request, timeout=timeout)
+        except grpc.RpcError as error:
+            code, details = error.code(), error.details() or ""
+            if code == grpc.StatusCode.UNAVAILABLE:
+                raise ModelUnavailableError(
+                    code, f"cannot reach the model server at {self.target} ({details}); is it running?"
+                ) from error
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise ModelUnavailableError(
+                    code, f"the model server at {self.target} did not answer within {timeout:.1f}s"
+                ) from error
+            raise ModelServerError(code, readable_error(details, "no reason given"), details) from error
 
     def predict(self, images: Sequence[bytes], top_k: int = 3) -> list[Prediction]:
         """Top-k classes for each encoded image (JPEG/PNG bytes), in the order given."""
         request = predict_pb2.PredictRequest()
         self._model_spec(request.model_spec)
-        request.inputs[INPUT_NAME].CopyFrom(string_tensor(images))
-        response = self._call("Predict", self._stub.Predict, request)
+        request.inputs[IMAGE_BYTES].CopyFrom(tf.make_tensor_proto(list(images), tf.string, [len(images)]))
+        response = self._call(self._stub.Predict, request)
         return self._predictions(response, len(images), top_k)
 
     def predict_one(self, image: bytes, top_k: int = 3) -> Prediction:
@@ -242,7 +203,7 @@ class PredictionClient:
         """The served not-sure threshold of each image: one value per row, each a probability."""
         if NOT_SURE_THRESHOLD not in outputs:
             raise self._missing_threshold(version)
-        values = tensor_to_array(outputs[NOT_SURE_THRESHOLD]).astype(np.float64).reshape(-1)
+        values = tf.make_ndarray(outputs[NOT_SURE_THRESHOLD]).astype(np.float64).reshape(-1)
         if values.size != count or not np.all((values >= 0.0) & (values <= 1.0)):
             raise IncompatibleModelError(
                 f"model '{self.model_name}' answered {values.size} '{NOT_SURE_THRESHOLD}' values for {count} "
@@ -260,11 +221,11 @@ class PredictionClient:
                 f"signature '{self.signature_name}' of model '{self.model_name}' must output '{CLASS_NAMES}' and "
                 f"'{SCORES}' or '{PROBABILITIES}'; it outputs {sorted(outputs)}",
             )
-        names = tensor_to_array(outputs[CLASS_NAMES])
+        names = tf.make_ndarray(outputs[CLASS_NAMES])
         values = None
         for key in (SCORES, PROBABILITIES):
             if key in outputs:
-                candidate = tensor_to_array(outputs[key]).astype(np.float64)
+                candidate = tf.make_ndarray(outputs[key]).astype(np.float64)
                 if candidate.size == names.size or (names.ndim == 1 and candidate.size == names.size * count):
                     values = candidate.reshape(count, -1)
                     break
@@ -294,7 +255,7 @@ class PredictionClient:
         request = get_model_metadata_pb2.GetModelMetadataRequest()
         self._model_spec(request.model_spec, signature=False)
         request.metadata_field.append("signature_def")
-        response = self._call("GetModelMetadata", self._stub.GetModelMetadata, request, timeout_s)
+        response = self._call(self._stub.GetModelMetadata, request, timeout_s)
         version = response.model_spec.version.value if response.model_spec.HasField("version") else None
         signatures = get_model_metadata_pb2.SignatureDefMap()
         response.metadata["signature_def"].Unpack(signatures)

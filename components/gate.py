@@ -2,7 +2,7 @@
 
 Checks: accuracy and macro F1 at least a floor; every class's recall at least a floor; accuracy
 beats the majority-class baseline on the same split by a margin; and, when a champion exists
-(the evaluation metrics of the model currently exported and blessed), the candidate's accuracy
+(the evaluation in the model card of the newest published version), the candidate's accuracy
 and macro F1 are not worse than the champion's by more than the allowed regression.
 
 Writes `{blessed, reasons, checks, candidate, champion, thresholds}`. Exits 0 either way: the
@@ -19,10 +19,9 @@ from typing import Any
 
 from common.io import atomic_write_json, read_json
 from common.params import load_section
+from serving.contract import MODEL_CARD_FILE, ModelCard, versions
 
 log = logging.getLogger("components.gate")
-
-MODEL_CARD = "model_card.json"  # components.export.MODEL_CARD (importing export would load TensorFlow)
 
 
 @dataclass(frozen=True)
@@ -46,18 +45,24 @@ class Check:
     sentence: str
 
 
-def _f(value: float) -> str:
+def fmt_metric(value: float) -> str:
+    """A metric as the reasons print it: three decimals."""
     return f"{value:.3f}"
 
 
 def champion_metrics_from(document: dict[str, Any] | None) -> dict[str, Any] | None:
-    """Evaluation metrics out of a champion record: the metrics themselves or a model card holding them.
+    """Evaluation metrics out of a champion record: a model card's `evaluation`, or the metrics themselves.
 
-    Accepts `{accuracy, macro_f1, ...}`, `{metrics: {accuracy, ...}}` or `{metrics: {evaluate: {...}}}`.
+    Cards published before the serving contract held them under `metrics` (or `metrics.evaluate`): still read.
     """
     if document is None:
         return None
-    for candidate in (document, document.get("metrics"), (document.get("metrics") or {}).get("evaluate")):
+    if "evaluation" in document:
+        found = [ModelCard.from_dict(document).evaluation]
+    else:
+        older = document.get("metrics") or {}
+        found = [document, older, older.get("evaluate")]
+    for candidate in found:
         if isinstance(candidate, dict) and "accuracy" in candidate and "macro_f1" in candidate:
             return candidate
     raise ValueError("champion record has no accuracy/macro_f1 (expected evaluate metrics or a model card)")
@@ -70,10 +75,9 @@ def champion_file(location: Path | None) -> Path | None:
         return None
     if location.is_file():
         return location
-    versions = sorted((int(p.name), p) for p in location.iterdir() if p.is_dir() and p.name.isdigit())
-    for _, version in reversed(versions):
-        if (version / MODEL_CARD).is_file():
-            return version / MODEL_CARD
+    for version in reversed(versions(location)):
+        if (location / str(version) / MODEL_CARD_FILE).is_file():
+            return location / str(version) / MODEL_CARD_FILE
     return None
 
 
@@ -90,7 +94,7 @@ def run_checks(candidate: dict[str, Any], champion: dict[str, Any] | None, param
             Check(
                 f"min_{name.replace(' ', '_').lower()}",
                 passed,
-                f"{name} {_f(value)} {'>=' if passed else '<'} {_f(floor)}",
+                f"{name} {fmt_metric(value)} {'>=' if passed else '<'} {fmt_metric(floor)}",
             )
         )
     per_class = candidate["per_class"]
@@ -98,7 +102,11 @@ def run_checks(candidate: dict[str, Any], champion: dict[str, Any] | None, param
     failing = sorted((r, c) for c, r in low.items() if r < params.min_class_recall)
     for recall, name in failing:
         checks.append(
-            Check("min_class_recall", False, f"recall of class {name} {_f(recall)} < {_f(params.min_class_recall)}")
+            Check(
+                "min_class_recall",
+                False,
+                f"recall of class {name} {fmt_metric(recall)} < {fmt_metric(params.min_class_recall)}",
+            )
         )
     if not failing:
         worst_recall, worst = min((r, c) for c, r in low.items())
@@ -106,7 +114,8 @@ def run_checks(candidate: dict[str, Any], champion: dict[str, Any] | None, param
             Check(
                 "min_class_recall",
                 True,
-                f"every class has recall >= {_f(params.min_class_recall)} (lowest: {worst} {_f(worst_recall)})",
+                f"every class has recall >= {fmt_metric(params.min_class_recall)} "
+                f"(lowest: {worst} {fmt_metric(worst_recall)})",
             )
         )
     baseline = float(candidate["majority_baseline_accuracy"])
@@ -116,9 +125,9 @@ def run_checks(candidate: dict[str, Any], champion: dict[str, Any] | None, param
         Check(
             "min_margin_over_majority",
             passed,
-            f"accuracy {_f(accuracy)} beats the majority-class baseline {_f(baseline)} "
-            f"(always '{candidate.get('majority_class', '?')}') by {_f(margin)}, "
-            f"{'at least' if passed else 'less than'} the required {_f(params.min_margin_over_majority)}",
+            f"accuracy {fmt_metric(accuracy)} beats the majority-class baseline {fmt_metric(baseline)} "
+            f"(always '{candidate.get('majority_class', '?')}') by {fmt_metric(margin)}, "
+            f"{'at least' if passed else 'less than'} the required {fmt_metric(params.min_margin_over_majority)}",
         )
     )
     if champion is None:
@@ -134,8 +143,8 @@ def run_checks(candidate: dict[str, Any], champion: dict[str, Any] | None, param
                 Check(
                     f"max_regression_{key}",
                     passed,
-                    f"{name} {_f(mine)} vs champion {_f(theirs)}: a change of {mine - theirs:+.3f}, "
-                    f"{verdict} the allowed regression of {_f(params.max_regression)}",
+                    f"{name} {fmt_metric(mine)} vs champion {fmt_metric(theirs)}: a change of {mine - theirs:+.3f}, "
+                    f"{verdict} the allowed regression of {fmt_metric(params.max_regression)}",
                 )
             )
     return checks

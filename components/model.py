@@ -15,13 +15,13 @@ from pathlib import Path
 import keras
 
 from common.io import sha256_of_file
+from serving.contract import RESIZE_LAYER
 
 log = logging.getLogger("components.model")
 
 ARCHITECTURES = ("paper_cnn", "mobilenet_v2")
 MOBILENET_ALPHAS = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
-# Names the export step and the tests look layers up by.
-RESIZE_LAYER = "resize"
+# Names the tests look layers up by (RESIZE_LAYER, which export reads the input size from, is the contract's).
 BASE_LAYER = "mobilenet_v2_base"
 TEMPERATURE_LAYER = "temperature"
 

@@ -15,7 +15,8 @@ import pytest
 
 from common.params import load_section
 from components import gate
-from components.gate import GateParams, champion_file, gate_decision
+from components.gate import GateParams, champion_file, champion_metrics_from, gate_decision
+from serving.contract import MODEL_CARD_FILE, ModelCardError
 from tests.conftest import REPO_ROOT
 
 THRESHOLDS = load_section(GateParams, "gate", REPO_ROOT / "params.yaml")
@@ -32,6 +33,15 @@ def metrics(accuracy: float, macro_f1: float, recalls: dict[str, float], baselin
 
 
 GOOD = metrics(0.95, 0.95, {"gpu": 0.9, "mouse": 1.0, "speakers": 0.95})
+
+
+def published_card(evaluation: dict) -> dict:
+    """A published version's model card (serving.contract.ModelCard) whose evaluation is `evaluation`."""
+    return {
+        "model_name": "productlens", "version": 3, "image_size": 224, "class_names": ["gpu", "mouse", "speakers"],
+        "not_sure_threshold": 0.7, "max_pixels": 40_000_000, "top_k": 3, "weights_sha256": "ab" * 32,
+        "evaluation": evaluation,
+    }  # fmt: skip
 
 
 def test_gate_refuses_a_model_that_always_predicts_the_majority_class(majority_model_metrics: dict) -> None:
@@ -88,9 +98,18 @@ def test_champion_is_the_newest_versions_model_card(tmp_path: Path) -> None:
     assert champion_file(tmp_path / "models" / "productlens") is None
     for version in (1, 2, 10):
         (tmp_path / str(version)).mkdir()
-        (tmp_path / str(version) / "model_card.json").write_text("{}")
+        (tmp_path / str(version) / MODEL_CARD_FILE).write_text("{}")
     (tmp_path / "11.tmp").mkdir()
-    assert champion_file(tmp_path) == tmp_path / "10" / "model_card.json"
+    (tmp_path / ".12.abc.tmp").mkdir()  # a publish that did not finish
+    (tmp_path / ".12.abc.tmp" / MODEL_CARD_FILE).write_text("{}")
+    assert champion_file(tmp_path) == tmp_path / "10" / MODEL_CARD_FILE
+
+
+def test_the_champions_metrics_are_its_model_cards_evaluation() -> None:
+    assert champion_metrics_from(published_card(GOOD)) == GOOD
+    assert champion_metrics_from({"metrics": GOOD, "gate": {"blessed": True}}) == GOOD  # cards before the contract
+    with pytest.raises(ModelCardError, match="weights_sha256 is missing"):
+        champion_metrics_from({k: v for k, v in published_card(GOOD).items() if k != "weights_sha256"})
 
 
 def test_cli_writes_the_decision_and_exits_0_when_refusing(tmp_path: Path, capsys) -> None:
@@ -99,7 +118,7 @@ def test_cli_writes_the_decision_and_exits_0_when_refusing(tmp_path: Path, capsy
     candidate.write_text(json.dumps(bad))
     card_dir = tmp_path / "models" / "productlens" / "3"
     card_dir.mkdir(parents=True)
-    (card_dir / "model_card.json").write_text(json.dumps({"metrics": GOOD, "gate": {"blessed": True}}))
+    (card_dir / MODEL_CARD_FILE).write_text(json.dumps(published_card(GOOD)))
     output = tmp_path / "gate" / "gate.json"
     argv = ["--candidate", str(candidate), "--champion", str(tmp_path / "models" / "productlens"),
             "--params", str(REPO_ROOT / "params.yaml"), "--output", str(output)]  # fmt: skip

@@ -42,8 +42,15 @@ pull: setup ## Fetch dataset v1 from the DVC remote (../shared/dvc-remote)
 	$(BIN)/dvc pull data.dvc
 
 .PHONY: repro
-repro: pull ## Set up, pull the data and run the whole pipeline (dvc repro)
+repro: pull ## Set up, pull the data, run the whole pipeline (dvc repro), then publish the blessed candidate
 	$(BIN)/dvc repro
+	@$(MAKE) --no-print-directory publish
+
+# Outside DVC on purpose: `dvc repro` and `dvc exp run` never change what is served.
+.PHONY: publish
+publish: setup ## Publish the validated candidate as models/productlens/<N+1> (nothing when N already serves it)
+	$(BIN)/python -m components.publish --candidate artifacts/export/candidate --gate artifacts/gate/gate.json \
+		--blessing artifacts/infra_validate/blessing.json --data-dvc data.dvc --output models
 
 .PHONY: test
 test: pull ## Set up, pull dataset v1 and run the whole test suite

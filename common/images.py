@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-# validate.max_pixels in params.yaml (validation and export read it there); the app's limit is the same.
-DEFAULT_MAX_PIXELS = 40_000_000
-
 # The signatures tf.io.decode_image recognises; anything else is refused before decoding.
 JPEG_MAGIC = b"\xff\xd8\xff"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -284,23 +284,52 @@ def gate(evaluation_dir: Path, params_path: Path, model_base: str, decision_path
 
 
 def export(model_dir: Path, splits_dir: Path, data_dir: Path, decision_path: Path, evaluation_dir: Path,
-           params_path: Path, model_base: str, exported: Any) -> None:  # fmt: skip
-    """components.export into `model_base` (the volume TF Serving reads); the published version is also
-    copied into the KFP `Model` artefact, with its version and path as metadata."""
+           params_path: Path, candidate_dir: Path, metrics_artifact: Any) -> None:  # fmt: skip
+    """components.export: the serving candidate (SavedModel, warmup records, model card) as the KFP `Model`
+    artefact `candidate_dir`; nothing is published."""
     from components import export as step
 
     with tempfile.TemporaryDirectory(prefix="export-") as scratch:
-        report = Path(scratch) / "export.json"
+        metrics_path = Path(scratch) / "export.json"
         argv = [
             "--model", str(Path(model_dir) / MODEL_FILE), "--class-names", str(Path(splits_dir) / "class_names.json"),
             "--gate", str(decision_path), "--evaluation", str(Path(evaluation_dir) / EVALUATE_METRICS),
-            "--data-dvc", str(Path(data_dir) / DATA_DVC_FILE), "--samples", str(Path(splits_dir) / "test.csv"),
-            "--images", str(Path(data_dir) / "images"), "--params", str(params_path), "--output", str(model_base),
-            "--report", str(report),
+            "--samples", str(Path(splits_dir) / "test.csv"), "--images", str(Path(data_dir) / "images"),
+            "--params", str(params_path), "--output", str(candidate_dir), "--metrics", str(metrics_path),
         ]  # fmt: skip
         run_step(step.main, argv)
-        published = read_json(report)
-    shutil.copytree(published["path"], exported.path)
-    exported.metadata.update(
-        {"model_name": published["model_name"], "version": published["version"], "path": published["path"]}
-    )
+        log_metrics_file(metrics_artifact, metrics_path)
+
+
+def infra_validate(candidate_dir: Path, model_dir: Path, splits_dir: Path, data_dir: Path, params_path: Path,
+                   blessing_path: Path, metrics_artifact: Any) -> None:  # fmt: skip
+    """components.infra_validate: the candidate in a real model-server process; a candidate it does not bless
+    fails the task (its blessing, with the reasons, is still written)."""
+    from components import infra_validate as step
+
+    with tempfile.TemporaryDirectory(prefix="infra-validate-") as scratch:
+        metrics_path = Path(scratch) / "infra_validate.json"
+        argv = [
+            "--candidate", str(candidate_dir), "--model", str(Path(model_dir) / MODEL_FILE),
+            "--samples", str(Path(splits_dir) / "test.csv"), "--images", str(Path(data_dir) / "images"),
+            "--params", str(params_path), "--blessing", str(blessing_path), "--metrics", str(metrics_path),
+        ]  # fmt: skip
+        try:
+            run_step(step.main, argv)
+        finally:
+            if metrics_path.exists():
+                log_metrics_file(metrics_artifact, metrics_path)
+
+
+def publish(candidate_dir: Path, decision_path: Path, blessing_path: Path, data_dir: Path, model_base: str,
+            report_path: Path) -> dict[str, Any]:  # fmt: skip
+    """components.publish into `model_base` (the volume TF Serving reads); returns its report
+    {published, model_name, version, path, weights_sha256, message}, also written to `report_path`."""
+    from components import publish as step
+
+    argv = [
+        "--candidate", str(candidate_dir), "--gate", str(decision_path), "--blessing", str(blessing_path),
+        "--data-dvc", str(Path(data_dir) / DATA_DVC_FILE), "--output", str(model_base), "--report", str(report_path),
+    ]  # fmt: skip
+    run_step(step.main, argv)
+    return read_json(report_path)

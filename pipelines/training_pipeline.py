@@ -39,6 +39,8 @@ RESOURCES: dict[str, tuple[str, str, str, str]] = {
     "evaluate": ("1", "2", "3Gi", "6Gi"),
     "gate": ("250m", "1", "512Mi", "1Gi"),
     "export": ("1", "2", "3Gi", "6Gi"),
+    "infra-validate": ("1", "2", "3Gi", "6Gi"),  # the Keras model and a model-server process with the candidate
+    "publish": ("250m", "1", "512Mi", "1Gi"),
 }
 DATA_STEP_RETRIES = 3  # fetching data crosses the network (Git, DVC remote): retry with backoff
 
@@ -141,25 +143,56 @@ def export(
     gate_decision: Input[Artifact],
     evaluation: Input[Artifact],
     params: Input[Artifact],
-    model_base: str,
-    exported_model: Output[Model],
+    candidate: Output[Model],
+    export_metrics: Output[Metrics],
 ):
-    """Publish the blessed model as the next TF Serving version under model_base (python -m components.export)."""
+    """Build the serving candidate of the blessed model: SavedModel, warmup records, model card
+    (python -m components.export). Nothing is published here."""
     from pipelines import steps
 
     steps.export(
-        model.path,
-        splits.path,
-        data.path,
-        gate_decision.path,
-        evaluation.path,
-        params.path,
-        model_base,
-        exported_model,
+        model.path, splits.path, data.path, gate_decision.path, evaluation.path, params.path, candidate.path,
+        export_metrics,
+    )  # fmt: skip
+    candidate.metadata["format"] = "tf_saved_model"
+
+
+def infra_validate(
+    candidate: Input[Model],
+    model: Input[Model],
+    splits: Input[Dataset],
+    data: Input[Dataset],
+    params: Input[Artifact],
+    blessing: Output[Artifact],
+    infra_validate_metrics: Output[Metrics],
+):
+    """Serve the candidate in a real model-server process and compare it with the Keras model; fails unless
+    it blesses the candidate (python -m components.infra_validate)."""
+    from pipelines import steps
+
+    steps.infra_validate(
+        candidate.path, model.path, splits.path, data.path, params.path, blessing.path, infra_validate_metrics
     )
+    blessing.metadata["blessed"] = True
 
 
-COMPONENT_FUNCTIONS = (fetch_data, validate, preprocess, train, evaluate, gate, export)
+def publish(
+    candidate: Input[Model],
+    gate_decision: Input[Artifact],
+    blessing: Input[Artifact],
+    data: Input[Dataset],
+    model_base: str,
+    publication: Output[Artifact],
+):
+    """Publish the blessed candidate as the next TF Serving version under model_base, unless the newest version
+    already serves it (python -m components.publish)."""
+    from pipelines import steps
+
+    report = steps.publish(candidate.path, gate_decision.path, blessing.path, data.path, model_base, publication.path)
+    publication.metadata.update({key: report[key] for key in ("published", "model_name", "version", "path")})
+
+
+COMPONENT_FUNCTIONS = (fetch_data, validate, preprocess, train, evaluate, gate, export, infra_validate, publish)
 
 
 # --------------------------------------------------------------------------- pipeline
@@ -186,7 +219,8 @@ def create_pipeline(image_repository: str = DEFAULT_IMAGE_REPOSITORY, image_tag:
 
     @dsl.pipeline(
         name=PIPELINE_NAME,
-        description="validate -> preprocess -> train -> evaluate -> gate -> export (only when the gate blesses)",
+        description="validate -> preprocess -> train -> evaluate -> gate -> export -> infra_validate -> publish "
+        "(the last three only when the gate blesses)",
     )
     def training_pipeline(
         data_location: str = DEFAULT_DATA_LOCATION,
@@ -197,7 +231,8 @@ def create_pipeline(image_repository: str = DEFAULT_IMAGE_REPOSITORY, image_tag:
     ):
         """data_location: folder with images/ + catalog/, or a DVC repository (Git URL/path) read at
         data_revision. params_overrides: dotted params.yaml keys, e.g. {"train.epochs": 4}.
-        component_image: the component image (repository:tag) every step runs in. model_base: export base path."""
+        component_image: the component image (repository:tag) every step runs in. model_base: the serving
+        base path publish writes versions to."""
 
         def step(name: str, **inputs) -> dsl.PipelineTask:
             task = ops[name.replace("-", "_")](**inputs).set_display_name(name)
@@ -221,7 +256,7 @@ def create_pipeline(image_repository: str = DEFAULT_IMAGE_REPOSITORY, image_tag:
         decided.set_caching_options(enable_caching=False)
         # The single return value (`Output`, not a named output): kfp.local resolves only that form in conditions.
         with dsl.If(decided.outputs["Output"] == True, name="gate-blessed"):  # noqa: E712 (a KFP condition, not Python)
-            published = step(
+            exported = step(
                 "export",
                 model=trained.outputs["model"],
                 splits=splits,
@@ -229,6 +264,21 @@ def create_pipeline(image_repository: str = DEFAULT_IMAGE_REPOSITORY, image_tag:
                 gate_decision=decided.outputs["gate_decision"],
                 evaluation=evaluated.outputs["evaluation"],
                 params=params,
+            )
+            validated_candidate = step(
+                "infra-validate",
+                candidate=exported.outputs["candidate"],
+                model=trained.outputs["model"],
+                splits=splits,
+                data=data,
+                params=params,
+            )
+            published = step(
+                "publish",
+                candidate=exported.outputs["candidate"],
+                gate_decision=decided.outputs["gate_decision"],
+                blessing=validated_candidate.outputs["blessing"],
+                data=data,
                 model_base=model_base,
             )
             published.set_caching_options(enable_caching=False)  # writes a new version under model_base

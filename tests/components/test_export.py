@@ -1,14 +1,11 @@
-"""Export: only blessed models, TF Serving layout and signatures, infra validation, and never a half-written version."""
+"""Export: only blessed models, the TF Serving layout and signatures, a model card that names the weights."""
 
 from __future__ import annotations
 
 import io
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import keras
@@ -19,25 +16,17 @@ import yaml
 from tensorflow_serving.apis import prediction_log_pb2
 
 from common.images import decode_and_resize
+from common.io import sha256_of_file
 from common.params import ParamsError
 from components import export as export_step
-from components.export import (
-    ExportParams,
-    InfraValidationError,
-    export,
-    image_size_of,
-    load_export_params,
-    next_version,
-)
+from components.export import ExportParams, export_candidate, image_size_of, load_export_params
+from serving.contract import MODEL_CARD_FILE, WARMUP_FILE, ModelCard
 from tests.fixtures.images import synthetic_image
 from tests.fixtures.model_server import NOT_SURE_THRESHOLD, TinyModel, export_tiny
 
 ROOT = Path(__file__).resolve().parents[2]
 EVALUATION = {"accuracy": 0.95, "macro_f1": 0.94, "not_sure_threshold": 0.42}
-
-
-def visible_versions(model_dir: Path) -> list[str]:
-    return sorted(p.name for p in model_dir.iterdir() if not p.name.startswith(".")) if model_dir.exists() else []
+BLESSED = {"blessed": True, "reasons": ["accuracy 0.95 >= 0.85"]}
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +42,7 @@ def step_inputs(tiny_model: TinyModel, tmp_path: Path) -> dict[str, Path]:
     for name in tiny_model.class_names[:4]:
         (samples / f"{name}.jpg").write_bytes(tiny_model.sample_images[name][0])
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["export"].update(validation_images=4, warmup_images=2)
+    params["export"].update(warmup_images=2)
     paths = {
         "model": tiny_model.keras_model,
         "class_names": tmp_path / "class_names.json",
@@ -61,11 +50,11 @@ def step_inputs(tiny_model: TinyModel, tmp_path: Path) -> dict[str, Path]:
         "evaluation": tmp_path / "evaluate.json",
         "samples": samples,
         "params": tmp_path / "params.yaml",
-        "output": tmp_path / "models",
-        "report": tmp_path / "export.json",
+        "output": tmp_path / "export" / "candidate",
+        "metrics": tmp_path / "metrics" / "export.json",
     }
     paths["class_names"].write_text(json.dumps(tiny_model.class_names))
-    paths["gate"].write_text(json.dumps({"blessed": True, "reasons": ["accuracy 0.95 >= 0.85"]}))
+    paths["gate"].write_text(json.dumps(BLESSED))
     paths["evaluation"].write_text(json.dumps(EVALUATION))
     paths["params"].write_text(yaml.safe_dump(params))
     return paths
@@ -74,9 +63,8 @@ def step_inputs(tiny_model: TinyModel, tmp_path: Path) -> dict[str, Path]:
 def cli_args(paths: dict[str, Path]) -> list[str]:
     return [
         "--model", str(paths["model"]), "--class-names", str(paths["class_names"]), "--gate", str(paths["gate"]),
-        "--evaluation", str(paths["evaluation"]), "--data-dvc", str(ROOT / "data.dvc"),
-        "--samples", str(paths["samples"]), "--params", str(paths["params"]), "--output", str(paths["output"]),
-        "--report", str(paths["report"]),
+        "--evaluation", str(paths["evaluation"]), "--samples", str(paths["samples"]), "--params", str(paths["params"]),
+        "--output", str(paths["output"]), "--metrics", str(paths["metrics"]),
     ]  # fmt: skip
 
 
@@ -88,107 +76,70 @@ def test_export_refuses_a_model_the_gate_did_not_bless(step_inputs, capsys) -> N
     assert "Export refused" in err
     for reason in reasons:
         assert reason in err
-    assert not step_inputs["output"].exists()
-    assert not step_inputs["report"].exists()
+    assert not step_inputs["output"].parent.exists()
+    assert not step_inputs["metrics"].exists()
 
 
-def test_export_cli_publishes_an_infra_validated_version_with_its_model_card(step_inputs) -> None:
+def test_export_cli_writes_a_candidate_with_a_card_naming_its_weights(step_inputs) -> None:
     completed = subprocess.run(
         [sys.executable, "-m", "components.export", *cli_args(step_inputs)],
         cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
     assert completed.returncode == 0, completed.stderr[-3000:]
-    model_dir = step_inputs["output"] / "productlens"
-    assert os.listdir(model_dir) == ["1"]  # nothing hidden left behind either
-    version = model_dir / "1"
-    assert (version / "saved_model.pb").is_file() and (version / "variables").is_dir()
+    candidate = step_inputs["output"]
+    assert sorted(p.name for p in candidate.parent.iterdir()) == ["candidate"]  # nothing hidden left behind
+    assert (candidate / "saved_model.pb").is_file() and (candidate / "variables").is_dir()
+    assert "infra_validate is next" in completed.stdout
 
-    card = json.loads((version / "model_card.json").read_text())
-    assert card["version"] == 1
-    assert card["metrics"] == EVALUATION
+    card = json.loads((candidate / MODEL_CARD_FILE).read_text())
+    assert card["weights_sha256"] == sha256_of_file(step_inputs["model"])
+    assert card["evaluation"] == EVALUATION  # what the gate judged; the gate reads a champion's from here
     assert card["not_sure_threshold"] == 0.42  # evaluate's, chosen on val
     assert card["max_pixels"] == yaml.safe_load((ROOT / "params.yaml").read_text())["validate"]["max_pixels"]
-    assert card["gate"] == {"blessed": True, "reasons": ["accuracy 0.95 >= 0.85"]}
-    assert card["data"]["md5"] == yaml.safe_load((ROOT / "data.dvc").read_text())["outs"][0]["md5"]
-    assert card["params"]["export"]["validation_images"] == 4
-    assert len(card["git"]["commit"]) == 40
+    assert card["gate"] == BLESSED
+    assert card["params"]["export"]["warmup_images"] == 2
     assert card["class_names"] == json.loads(step_inputs["class_names"].read_text())
     assert card["image_size"] == 32
-    validation = card["infra_validation"]
-    assert validation["images"] == 4
-    assert max(validation["max_abs_difference"].values()) <= validation["tolerance"]
-    assert validation["not_sure_threshold"] == pytest.approx(0.42)  # served over gRPC and REST, every row
+    # A candidate is not a version yet: publishing adds the version and where it came from.
+    assert not {"version", "published_at", "provenance", "created_at"} & set(card)
+    assert ModelCard.from_dict({**card, "version": 1}).top_k == 5
     photos = [path.read_bytes() for path in sorted(step_inputs["samples"].glob("*.jpg"))]
-    served = tf.saved_model.load(str(version)).signatures["serving_default"](image_bytes=tf.constant(photos))
+    served = tf.saved_model.load(str(candidate)).signatures["serving_default"](image_bytes=tf.constant(photos))
     np.testing.assert_array_equal(served["not_sure_threshold"].numpy(), np.full(len(photos), 0.42, np.float32))
 
     records = [prediction_log_pb2.PredictionLog.FromString(r.numpy()) for r in tf.data.TFRecordDataset(
-        str(version / "assets.extra" / "tf_serving_warmup_requests"))]  # fmt: skip
+        str(candidate / WARMUP_FILE))]  # fmt: skip
     assert [r.WhichOneof("log_type") for r in records] == ["predict_log", "predict_log", "classify_log"]
-    report = json.loads(step_inputs["report"].read_text())
-    assert (report["version"], report["path"], report["not_sure_threshold"]) == (1, str(version), 0.42)
+    metrics = json.loads(step_inputs["metrics"].read_text())
+    assert metrics["export_seconds"] > 0 and metrics["candidate_mb"] > 0
+
+
+def test_the_same_model_and_inputs_give_the_same_model_card(tiny_model: TinyModel, tmp_path: Path) -> None:
+    def card_bytes(output: Path) -> bytes:
+        export_candidate(
+            tiny_model.keras_model, tiny_model.class_names, BLESSED, EVALUATION, output, ExportParams(top_k=3),
+            tiny_model.images(),
+        )  # fmt: skip
+        return (output / MODEL_CARD_FILE).read_bytes()
+
+    first = card_bytes(tmp_path / "candidate")
+    assert card_bytes(tmp_path / "candidate") == first  # rewritten in place: a DVC output that only its inputs change
 
 
 def test_export_refuses_an_evaluation_without_a_not_sure_threshold(step_inputs, capsys) -> None:
     step_inputs["evaluation"].write_text(json.dumps({"accuracy": 0.95, "macro_f1": 0.94}))  # an older evaluate
     assert export_step.main(cli_args(step_inputs)) == 1
     assert "has no not_sure_threshold; rerun evaluate" in capsys.readouterr().err
-    assert not step_inputs["output"].exists() and not step_inputs["report"].exists()
+    assert not step_inputs["output"].parent.exists() and not step_inputs["metrics"].exists()
 
 
 def test_a_not_sure_threshold_that_is_not_a_probability_is_refused(tiny_model: TinyModel, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="must be a probability in \\[0, 1\\], got 1.5"):
-        export(
-            tiny_model.keras_model, tiny_model.class_names, {"blessed": True, "reasons": []}, tmp_path,
-            ExportParams(), tiny_model.images(), not_sure_threshold=1.5, validate=False,
+        export_candidate(
+            tiny_model.keras_model, tiny_model.class_names, BLESSED, {**EVALUATION, "not_sure_threshold": 1.5},
+            tmp_path / "candidate", ExportParams(), tiny_model.images(),
         )  # fmt: skip
-    assert not (tmp_path / "productlens").exists()
-
-
-def test_a_killed_export_leaves_no_visible_version(step_inputs, tiny_model: TinyModel, tmp_path: Path) -> None:
-    model_dir = step_inputs["output"] / "productlens"
-    export_tiny(tiny_model, step_inputs["output"])  # version 1 already published
-    scratch = tmp_path / "scratch"
-    scratch.mkdir()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "components.export", *cli_args(step_inputs)],
-        cwd=ROOT, env=dict(os.environ, TMPDIR=str(scratch)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 120
-        # Kill it mid-way: the new version is written, infra validation has started.
-        while not list(scratch.glob("infra-validation-*/ready.json")):
-            assert process.poll() is None and time.monotonic() < deadline, "export ended before it could be killed"
-            time.sleep(0.05)
-        server_pid = json.loads(next(scratch.glob("infra-validation-*/ready.json")).read_text())["pid"]
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=30)
-    finally:
-        if process.poll() is None:
-            process.kill()
-    assert visible_versions(model_dir) == ["1"]
-    assert [p.name for p in model_dir.iterdir() if p.name.startswith(".2.")]  # the staging dir, hidden
-
-    # The validation server does not outlive the export (it gets SIGTERM when its parent dies).
-    deadline = time.monotonic() + 30
-    while Path(f"/proc/{server_pid}").exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not Path(f"/proc/{server_pid}").exists()
-
-    # The next export takes version 2 and clears what the killed one left.
-    assert export_tiny(tiny_model, step_inputs["output"]).name == "2"
-    assert os.listdir(model_dir) and sorted(os.listdir(model_dir)) == ["1", "2"]
-
-
-def test_failed_infra_validation_publishes_nothing(tiny_model: TinyModel, tmp_path: Path) -> None:
-    impossible = ExportParams(validation_images=2, validation_atol=-1.0)  # no answer can be that close
-    with pytest.raises(InfraValidationError, match="differ from the Keras model"):
-        export(
-            tiny_model.keras_model, tiny_model.class_names, {"blessed": True, "reasons": []}, tmp_path, impossible,
-            tiny_model.images(), not_sure_threshold=0.5,
-        )  # fmt: skip
-    assert visible_versions(tmp_path / "productlens") == []
-    assert os.listdir(tmp_path / "productlens") == []
+    assert not (tmp_path / "candidate").exists()
 
 
 def test_serving_default_decodes_like_training_and_matches_keras(exported: Path, tiny_model: TinyModel) -> None:
@@ -238,13 +189,6 @@ def test_truncated_jpeg_fails_instead_of_returning_an_answer(exported: Path, tin
         serving_default(image_bytes=tf.constant([image[: len(image) // 2]]))
 
 
-def test_versions_count_up_from_the_highest_visible_one(tmp_path: Path) -> None:
-    assert next_version(tmp_path / "absent") == 1
-    for name in ("1", "7", ".8.abc.tmp", "notes"):
-        (tmp_path / name).mkdir()
-    assert next_version(tmp_path) == 8
-
-
 def test_image_size_comes_from_a_fixed_input_or_the_resize_layer() -> None:
     fixed = keras.Sequential([keras.Input((48, 48, 3)), keras.layers.GlobalAveragePooling2D()])
     assert image_size_of(fixed) == 48
@@ -262,13 +206,13 @@ def limited(
     tiny_model: TinyModel, tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, tf.types.experimental.ConcreteFunction]:
     """The tiny model exported with max_pixels = 64 * 64: its signatures, loaded."""
-    result = export(
-        tiny_model.keras_model, tiny_model.class_names, {"blessed": True, "reasons": []},
-        tmp_path_factory.mktemp("limited"), ExportParams(top_k=3, max_pixels=SMALL_LIMIT), tiny_model.images(),
-        not_sure_threshold=0.5, validate=False,
+    candidate = tmp_path_factory.mktemp("limited") / "candidate"
+    card = export_candidate(
+        tiny_model.keras_model, tiny_model.class_names, BLESSED, EVALUATION, candidate,
+        ExportParams(top_k=3, max_pixels=SMALL_LIMIT), tiny_model.images(),
     )  # fmt: skip
-    assert result.card["max_pixels"] == SMALL_LIMIT
-    return tf.saved_model.load(str(result.path)).signatures
+    assert card["max_pixels"] == SMALL_LIMIT
+    return tf.saved_model.load(str(candidate)).signatures
 
 
 def encoded(size: tuple[int, int], image_format: str, frames: int = 1) -> bytes:

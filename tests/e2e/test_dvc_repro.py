@@ -1,5 +1,6 @@
-"""`dvc repro` end to end on a tiny dataset, in a copy of the project: every stage runs, a second repro is a
-no-op, `dvc exp run -S train.epochs=...` reruns train and what follows only, metrics and plots show."""
+"""`dvc repro` end to end on a tiny dataset, in a copy of the project: every stage runs and publishes nothing, a
+second repro is a no-op, `make repro` publishes the validated candidate once, `dvc exp run -S train.epochs=...`
+reruns train and what follows only and leaves the served models alone, metrics and plots show."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import yaml
 
 from common.reviews import REVIEW_COLUMNS
 from pipelines.steps import apply_overrides
+from serving.contract import MODEL_CARD_FILE, versions
 from tests.conftest import REPO_ROOT
 from tests.fixtures.pipeline_data import TINY_OVERRIDES, write_tiny_data
 
@@ -54,6 +56,10 @@ def dvc(*args: str, cwd: Path) -> str:
     return completed.stdout + completed.stderr
 
 
+def served_versions(project: Path) -> list[str]:
+    return [str(version) for version in versions(project / "models" / "productlens")]
+
+
 def ran_stages(output: str) -> set[str]:
     return {stage for stage in STAGES if f"Running stage '{stage}'" in output}
 
@@ -81,17 +87,35 @@ def project(tmp_path_factory) -> Path:
     return root
 
 
-def test_repro_runs_every_stage_and_ends_with_a_blessed_exported_model(project):
+def test_repro_runs_every_stage_and_ends_with_a_validated_candidate_publishing_nothing(project):
     gate = json.loads((project / "artifacts" / "gate" / "gate.json").read_text())
     assert gate["blessed"], gate["reasons"]
-    assert (project / "models" / "productlens" / "1" / "saved_model.pb").is_file()
-    card = json.loads((project / "models" / "productlens" / "1" / "model_card.json").read_text())
-    assert card["metrics"]["accuracy"] == json.loads((project / "metrics" / "evaluate.json").read_text())["accuracy"]
+    candidate = project / "artifacts" / "export" / "candidate"
+    assert (candidate / "saved_model.pb").is_file()
+    card = json.loads((candidate / MODEL_CARD_FILE).read_text())
+    assert card["evaluation"] == json.loads((project / "metrics" / "evaluate.json").read_text())
+    blessing = json.loads((project / "artifacts" / "infra_validate" / "blessing.json").read_text())
+    assert blessing["blessed"] and blessing["candidate"]["weights_sha256"] == card["weights_sha256"]
+    assert served_versions(project) == []  # experiments and repro never touch serving: publishing is its own step
 
 
 def test_second_repro_is_a_no_op(project):
     output = dvc("repro", cwd=project)
     assert ran_stages(output) == set(), output
+
+
+def test_make_repro_publishes_the_validated_candidate_once(project, tmp_path):
+    # The real Makefile, with this interpreter's venv; `pull` needs ../shared, which the copy does not have.
+    stamp = tmp_path / "installed"
+    stamp.touch()  # newer than pyproject.toml and requirements.lock: `setup` has nothing to do
+    make = ["make", "--no-print-directory", "-o", "pull", "repro", f"BIN={Path(sys.executable).parent}"]
+    make.append(f"STAMP={stamp}")
+    first = run(make, project).stdout
+    assert f"published {Path('models') / 'productlens' / '1'}" in first, first
+    assert served_versions(project) == ["1"]
+    second = run(make, project).stdout
+    assert "version 1 already serves this model" in second and "nothing published" in second, second
+    assert served_versions(project) == ["1"]
 
 
 def test_metrics_and_plots_show(project):
@@ -105,7 +129,9 @@ def test_metrics_and_plots_show(project):
 
 
 def test_exp_run_with_a_new_epoch_count_reruns_train_and_what_follows_only(project):
+    served_before = served_versions(project)
     output = dvc("exp", "run", "-S", "train.epochs=1", "-n", "one-epoch", cwd=project)
     rerun = ran_stages(output)
     assert "train" in rerun and not (rerun & UPSTREAM_OF_TRAIN), output
+    assert served_versions(project) == served_before, "an experiment changed what is served"
     assert "one-epoch" in run([sys.executable, "-m", "dvc", "exp", "show", "--csv"], project).stdout

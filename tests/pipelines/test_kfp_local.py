@@ -1,5 +1,6 @@
 """The whole KFP pipeline under kfp.local (SubprocessRunner, this venv) on a tiny dataset: once the gate
-blesses the model and export publishes it, once the gate refuses an untrained model and nothing is exported."""
+blesses the model, export builds the candidate, infra validation blesses it and publish makes it version 1;
+once the gate refuses an untrained model and none of those three runs."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 import pytest
 
 from pipelines.training_pipeline import create_pipeline
+from serving.contract import MODEL_CARD_FILE
 from tests.conftest import REPO_ROOT
 from tests.fixtures.pipeline_data import TINY_OVERRIDES, write_tiny_data
 
@@ -67,14 +69,19 @@ def refused_run(tmp_path_factory, tiny_data) -> tuple[Path, Path]:
     return run_pipeline(tmp_path_factory.mktemp("refused"), tiny_data, {**TINY_OVERRIDES, **GATE, **UNTRAINED})
 
 
-def test_blessed_model_is_exported_as_version_1_of_the_model_base(blessed_run):
+def test_blessed_model_is_validated_and_published_as_version_1_of_the_model_base(blessed_run):
     run_dir, model_base = blessed_run
     assert executor_output(run_dir, "gate")["parameterValues"]["Output"] is True
+    candidate = Path(artifact(run_dir, "export", "candidate")["uri"])
+    assert (candidate / "saved_model.pb").is_file()
+    blessing = json.loads(Path(artifact(run_dir, "infra-validate", "blessing")["uri"]).read_text())
+    assert blessing["blessed"] is True, blessing["reasons"]
     version = model_base / "productlens" / "1"
-    assert (version / "saved_model.pb").is_file() and (version / "model_card.json").is_file()
-    exported = artifact(run_dir, "export", "exported_model")
-    assert exported["metadata"]["version"] == 1
-    assert (Path(exported["uri"]) / "saved_model.pb").is_file()
+    assert (version / "saved_model.pb").is_file()
+    card = json.loads((version / MODEL_CARD_FILE).read_text())
+    assert card["version"] == 1 and card["provenance"]["infra_validation"] == blessing
+    publication = artifact(run_dir, "publish", "publication")["metadata"]
+    assert (publication["published"], publication["version"], publication["path"]) == (True, 1, str(version))
 
 
 def test_blessed_run_logs_metrics_confusion_matrix_and_data_docs(blessed_run):
@@ -95,5 +102,6 @@ def test_gate_refuses_an_untrained_model_and_nothing_is_exported(refused_run):
     decision = json.loads(Path(artifact(run_dir, "gate", "gate_decision")["uri"]).read_text())
     assert decision["blessed"] is False
     assert any("accuracy" in reason and "<" in reason for reason in decision["reasons"]), decision["reasons"]
-    assert not (run_dir / "export").exists(), "the export step ran although the gate refused"
+    for task in ("export", "infra-validate", "publish"):
+        assert not (run_dir / task).exists(), f"{task} ran although the gate refused"
     assert not model_base.exists() or not any(model_base.rglob("saved_model.pb"))

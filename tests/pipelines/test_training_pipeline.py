@@ -77,15 +77,26 @@ def test_compile_writes_the_requested_image_repository(tmp_path):
     )
 
 
-def test_export_runs_only_when_the_gate_blesses(spec):
+def test_export_infra_validate_and_publish_run_only_when_the_gate_blesses(spec):
     root_tasks = spec["root"]["dag"]["tasks"]
-    assert "export" not in root_tasks
+    assert not {"export", "infra-validate", "publish"} & set(root_tasks)
     (branch,) = [task for task in root_tasks.values() if "triggerPolicy" in task]
     assert branch["triggerPolicy"]["condition"] == "inputs.parameter_values['pipelinechannel--gate-Output'] == true"
-    assert list(spec["components"][branch["componentRef"]["name"]]["dag"]["tasks"]) == ["export"]
+    tasks = spec["components"][branch["componentRef"]["name"]]["dag"]["tasks"]
+    assert set(tasks) == {"export", "infra-validate", "publish"}
+    # publish takes the candidate only through infra validation's blessing, so it runs after it.
+    assert "infra-validate" in tasks["publish"]["dependentTasks"]
+    assert tasks["publish"]["inputs"]["artifacts"]["blessing"]["taskOutputArtifact"]["producerTask"] == "infra-validate"
+    assert tasks["infra-validate"]["inputs"]["artifacts"]["candidate"]["taskOutputArtifact"]["producerTask"] == "export"
+
+
+def test_only_publish_gets_the_model_base_to_write(spec):
+    tasks = all_tasks(spec)
+    readers = {name for name, task in tasks.items() if "model_base" in task.get("inputs", {}).get("parameters", {})}
+    assert readers == {"gate", "publish"}  # the gate reads the champion there; publish writes the new version
 
 
 def test_steps_that_read_or_write_the_model_base_are_never_cached(spec):
     tasks = all_tasks(spec)
-    for name in ("gate", "export"):
+    for name in ("gate", "publish"):
         assert tasks[name]["cachingOptions"].get("enableCache", False) is False, name

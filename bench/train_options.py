@@ -22,12 +22,13 @@ from typing import Any
 
 import numpy as np
 import tensorflow as tf
+from keras.applications.mobilenet_v2 import preprocess_input
 
+from common.data import AUTOTUNE, Split, image_dataset, read_split
 from common.io import atomic_write_json, sha256_of_file
 from common.params import load_params, section
 from components.audit_labels import linear_probe
 from components.model import MobileNetParams, mobilenet_v2_base
-from components.train import Split, image_dataset, read_split, scale_for_mobilenet
 
 WEIGHTS_FILE = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{alpha}_224_no_top.h5"
 
@@ -69,7 +70,7 @@ def features(split: Split, spec: FeatureSpec, weights: MobileNetParams) -> np.nd
         pixels = image_dataset(split, spec.size).map(lambda x, y: x)
     else:
         pixels = tf.data.Dataset.from_tensor_slices(split.paths).map(lambda p: _squashed(p, spec.size))
-    scaled = pixels.batch(64).map(scale_for_mobilenet).prefetch(tf.data.AUTOTUNE)
+    scaled = pixels.batch(64).map(preprocess_input).prefetch(AUTOTUNE)
     out = base.predict(scaled, verbose=0)
     if spec.flip_tta:
         out = (out + base.predict(scaled.map(tf.image.flip_left_right), verbose=0)) / 2.0

@@ -78,14 +78,14 @@ def write_feature_cache(path: Path, key: str, features: dict[str, np.ndarray]) -
 
 def frozen_features(paths: list[str], image_size: int, weights: MobileNetParams, batch_size: int) -> np.ndarray:
     """Global-average-pooled MobileNetV2 features of each image (the training pipeline's decoding)."""
-    import tensorflow as tf
+    from keras.applications.mobilenet_v2 import preprocess_input
 
+    from common.data import AUTOTUNE, image_dataset, unlabelled
     from components.model import mobilenet_v2_base
-    from components.train import Split, image_dataset, scale_for_mobilenet
 
     base = mobilenet_v2_base(image_size, weights)
-    pixels = image_dataset(Split(paths, np.zeros(len(paths), np.int64)), image_size).map(lambda x, y: x)
-    batched = pixels.batch(batch_size).map(scale_for_mobilenet).prefetch(tf.data.AUTOTUNE)
+    pixels = image_dataset(unlabelled(paths), image_size).map(lambda x, y: x)
+    batched = pixels.batch(batch_size).map(preprocess_input).prefetch(AUTOTUNE)
     return base.predict(batched, verbose=0)
 
 

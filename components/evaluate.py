@@ -22,7 +22,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -30,6 +30,10 @@ from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_f
 
 from common.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from common.params import load_section
+from serving.contract import RESIZE_LAYER
+
+if TYPE_CHECKING:
+    from common.data import Split
 
 log = logging.getLogger("components.evaluate")
 
@@ -223,10 +227,9 @@ def not_sure_report(
     return report
 
 
-def predict_probabilities(model: Any, split: Any, batch_size: int) -> np.ndarray:
+def predict_probabilities(model: Any, split: Split, batch_size: int) -> np.ndarray:
     """Class probabilities for every image of `split`, in manifest order."""
-    from components.model import RESIZE_LAYER
-    from components.train import batches, image_dataset
+    from common.data import batches, image_dataset  # TensorFlow: only where images are read
 
     image_size = int(model.get_layer(RESIZE_LAYER).height)
     dataset = batches(image_dataset(split, image_size), batch_size).map(lambda x, y: x)
@@ -330,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import keras
 
-    from components.train import Split, read_split
+    from common.data import read_split, unlabelled
 
     class_names = json.loads((args.splits / "class_names.json").read_text(encoding="utf-8"))
     model = keras.models.load_model(args.model, compile=False)
@@ -344,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     val_probabilities = predict_probabilities(model, val, params.batch_size)
     # The original-label file repeats the split's images: predict each distinct image once.
     paths = list(dict.fromkeys(split.paths + (original.paths if original is not None else [])))
-    every = predict_probabilities(model, Split(paths, np.zeros(len(paths), np.int64)), params.batch_size)
+    every = predict_probabilities(model, unlabelled(paths), params.batch_size)
     row_of = {path: row for row, path in enumerate(paths)}
     probabilities = every[[row_of[p] for p in split.paths]]
 

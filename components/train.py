@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import tensorflow as tf
+from keras.applications.mobilenet_v2 import preprocess_input
 
-from common.images import decode_and_resize
+from common.data import Split, batches, image_dataset, read_split
 from common.io import atomic_write_json
 from common.params import build, load_params, section
 from components.model import (
@@ -39,8 +39,6 @@ from components.model import (
 )
 
 log = logging.getLogger("components.train")
-
-AUTOTUNE = tf.data.AUTOTUNE
 
 
 @dataclass(frozen=True)
@@ -88,53 +86,17 @@ def load_train_params(path: Path) -> TrainParams:
     return train_params_from(section(load_params(path), "train"), f"{path}:train")
 
 
-@dataclass(frozen=True)
-class Split:
-    """One split manifest resolved to absolute image paths and integer labels."""
-
-    paths: list[str]
-    labels: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-
-def read_split(csv_path: Path, images_root: Path, class_names: list[str]) -> Split:
-    """Read a split CSV (path, class_name, label, sha256); path is relative to `images_root`."""
-    frame = pd.read_csv(csv_path, dtype={"path": "string", "class_name": "string"})
-    label_of = {name: index for index, name in enumerate(class_names)}
-    unknown = sorted(set(frame["class_name"]) - set(label_of))
-    if unknown:
-        raise ValueError(f"{csv_path}: classes {unknown} are not in class_names.json")
-    labels = frame["class_name"].map(label_of).to_numpy(dtype=np.int64)
-    return Split([str(images_root / p) for p in frame["path"]], labels)
-
-
 def set_determinism(seed: int) -> None:
-    """Seed Python, NumPy, TensorFlow and Keras, and make TF ops deterministic."""
+    """Seed Python, NumPy, TensorFlow and Keras, and make TF ops deterministic.
+
+    PYTHONHASHSEED is not set or needed (Python reads it only at start-up): nothing training does depends
+    on str hash order, so `dvc repro` alone, make and KFP train the same weights whatever its value
+    (tests/components/test_train.py trains through the CLI under another hash seed and compares).
+    """
     import keras
 
-    os.environ.setdefault("PYTHONHASHSEED", str(seed))
     keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
-
-
-def image_dataset(split: Split, image_size: int) -> tf.data.Dataset:
-    """(pixels 0..255 float32 [size, size, 3], label), decoded once and cached in memory, in manifest order."""
-
-    def load(path: tf.Tensor, label: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        return decode_and_resize(tf.io.read_file(path), image_size), label
-
-    dataset = tf.data.Dataset.from_tensor_slices((split.paths, split.labels))
-    return dataset.map(load, num_parallel_calls=AUTOTUNE, deterministic=True).cache()
-
-
-def batches(dataset: tf.data.Dataset, batch_size: int, shuffle_seed: int | None = None) -> tf.data.Dataset:
-    """Shuffle (seeded, reshuffled each epoch) when a seed is given, then batch and prefetch."""
-    if shuffle_seed is not None:
-        size = int(dataset.cardinality())
-        dataset = dataset.shuffle(max(size, 1), seed=shuffle_seed, reshuffle_each_iteration=True)
-    return dataset.batch(batch_size).prefetch(AUTOTUNE)
 
 
 def balanced_class_weights(labels: np.ndarray, num_classes: int) -> dict[int, float]:
@@ -392,10 +354,9 @@ def _train_mobilenet_member(
         # The base is frozen and its BN in inference mode, so its output for an image never changes:
         # compute it once (for every member: they share the backbone) and train heads on the cache.
         base = base_of(model)
-        features["train"] = base.predict(
-            batches(data.train_images, 64).map(lambda x, y: scale_for_mobilenet(x)), verbose=0
-        )
-        features["val"] = base.predict(batches(data.val_images, 64).map(lambda x, y: scale_for_mobilenet(x)), verbose=0)
+        # MobileNetV2's preprocess_input is what the model's `rescale` layer does (x / 127.5 - 1) before the base.
+        for name, images in (("train", data.train_images), ("val", data.val_images)):
+            features[name] = base.predict(batches(images, 64).map(lambda x, _: preprocess_input(x)), verbose=0)
     features_seconds = time.perf_counter() - t0
     head_model = keras.Sequential([keras.Input(shape=features["train"].shape[1:]), model.get_layer("head")])
     _compile(head_model, params.learning_rate, params.label_smoothing)
@@ -438,11 +399,6 @@ def _train_mobilenet_member(
             "seconds": round(time.perf_counter() - t0, 1),
         }
     return model
-
-
-def scale_for_mobilenet(x: tf.Tensor) -> tf.Tensor:
-    """MobileNetV2 input scaling (the model's `rescale` layer), for computing base features directly."""
-    return x / 127.5 - 1.0
 
 
 def _evaluate(model: Any, images: tf.data.Dataset, labels: np.ndarray, batch_size: int) -> tuple[float, float]:

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from common.data import read_split
 from components import evaluate
 from components.evaluate import (
     EvaluateParams,
@@ -22,7 +23,6 @@ from components.evaluate import (
     risk_coverage,
     selective_figures,
 )
-from components.train import read_split
 from tests.conftest import REPO_ROOT
 from tests.fixtures.training import SyntheticData
 

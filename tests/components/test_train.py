@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from common.data import read_split
 from common.params import ParamsError
 from components import train as train_step
-from components.train import balanced_class_weights, read_split, train_params_from
+from components.train import balanced_class_weights, train_params_from
+from tests.conftest import REPO_ROOT
 from tests.fixtures.training import SyntheticData, tiny_train_values, train_tiny, write_params
 
 
@@ -22,6 +27,26 @@ def test_same_data_params_and_seed_give_identical_metrics(synthetic_data: Synthe
     assert first.metrics["val_accuracy"] == second.metrics["val_accuracy"]
     assert [r["loss"] for r in first.history] == [r["loss"] for r in second.history]
     for a, b in zip(first.model.get_weights(), second.model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow
+def test_training_does_not_depend_on_the_python_hash_seed(separable_training, synthetic_data, tmp_path: Path) -> None:
+    # `dvc repro` outside make sets no PYTHONHASHSEED: the CLI under another seed must train the same weights.
+    params = write_params(tmp_path / "params.yaml")
+    model, metrics = tmp_path / "model.keras", tmp_path / "train.json"
+    hash_seed = "1" if os.environ.get("PYTHONHASHSEED") == "2" else "2"
+    subprocess.run(
+        [sys.executable, "-m", "components.train", "--splits", str(synthetic_data.splits),
+         "--images", str(synthetic_data.images), "--params", str(params), "--model", str(model),
+         "--metrics", str(metrics)],
+        cwd=REPO_ROOT, env={**os.environ, "PYTHONHASHSEED": hash_seed}, check=True, capture_output=True,
+    )  # fmt: skip
+    import keras
+
+    assert json.loads(metrics.read_text())["val_loss"] == separable_training.metrics["val_loss"]
+    trained = keras.models.load_model(model, compile=False).get_weights()
+    for a, b in zip(separable_training.model.get_weights(), trained, strict=True):
         np.testing.assert_array_equal(a, b)
 
 

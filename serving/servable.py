@@ -32,8 +32,6 @@ from serving.tensors import dtype_name, to_ndarray, to_tensor_proto
 
 log = logging.getLogger("serving.servable")
 
-DEFAULT_SIGNATURE = SERVING_DEFAULT  # the name serving/rest_api.py imports until it imports serving.contract
-
 
 class State(enum.Enum):
     """ModelVersionStatus.State names, in lifecycle order."""

@@ -1,5 +1,8 @@
 """The `recommender:` section of params.yaml, typed.
 
+params.yaml is the one place these numbers are written: the ranking limits have no defaults here, so a
+params file without them fails to load instead of silently using other values.
+
 The "not sure" threshold is not here: each served model version carries its own (evaluate chooses it
 on val), and the client reads it from every answer.
 """
@@ -15,13 +18,13 @@ from common.params import DEFAULT_PARAMS_PATH, load_section
 @dataclass(frozen=True)
 class RecommenderParams:
     class_to_category: dict[str, str | None]
+    uncertain_max_categories: int
+    uncertain_min_probability: float
+    top_k_classes: int
+    max_products: int
+    candidate_pool: int  # rows per category the database hands the ranking
     multi_word_brands: list[str] = field(default_factory=list)
     value_specs: dict[str, list[str]] = field(default_factory=dict)
-    uncertain_max_categories: int = 3
-    uncertain_min_probability: float = 0.1
-    top_k_classes: int = 3
-    max_products: int = 10
-    candidate_pool: int = 300
 
     def category_for(self, class_name: str) -> str | None:
         """The catalog category of an image class, None when the class has no catalog."""

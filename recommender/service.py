@@ -17,8 +17,9 @@ from sqlalchemy import Engine
 
 from recommender import kb
 from recommender.client import Prediction, PredictionClient
-from recommender.params import RecommenderParams
+from recommender.params import RecommenderParams, load_recommender_params
 from recommender.ranking import Preferences, RecommendationResult, choose_categories, recommend
+from recommender.settings import Settings
 from serving.contract import DEFAULT_MAX_PIXELS
 
 # What the exported model decodes (tf.io.decode_image); anything else is refused before the model call.
@@ -121,6 +122,24 @@ class Recommender:
         self.params = params
         self._class_to_category: dict[str, str | None] | None = None
         self._facts: dict[str, kb.CategoryFacts] | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Recommender:
+        """The knowledge base, model server and params `settings` name; `close()` when done."""
+        params = load_recommender_params(settings.params_path)
+        client = PredictionClient(
+            settings.model_grpc,
+            model_name=settings.model_name,
+            signature_name=settings.model_signature,
+            version=settings.model_version,
+            version_label=settings.model_label,
+            timeout_s=settings.model_timeout_s,
+        )
+        return cls(kb.make_engine(settings.db_url), client, params)
+
+    def close(self) -> None:
+        self.client.close()
+        self.engine.dispose()
 
     def class_to_category(self) -> dict[str, str | None]:
         """The KB's class -> category table (built from params), falling back to params for unknown classes."""

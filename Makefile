@@ -32,8 +32,8 @@ setup: $(STAMP) ## Create .venv and install the pinned stack (quick when nothing
 
 .PHONY: lint
 lint: setup ## Run ruff and the import contracts (dependencies point one way: README, Layout)
-	$(BIN)/ruff check common components pipelines serving recommender labelling tests bench
-	$(BIN)/ruff format --check common components pipelines serving recommender labelling tests bench
+	$(BIN)/ruff check common components pipelines serving recommender labelling productlens tests bench
+	$(BIN)/ruff format --check common components pipelines serving recommender labelling productlens tests bench
 	$(BIN)/lint-imports
 
 .PHONY: pull

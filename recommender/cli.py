@@ -1,26 +1,28 @@
-"""`productlens`: recommendations for a photo and knowledge-base search from the terminal.
+"""The recommender from the terminal: recommendations for a photo and knowledge-base search.
 
     productlens recommend PHOTO [--budget-max 100] [--brand Logitech] [--require wireless=true]
     productlens kb search "rtx 4070" [--category video-card] [--max-price 600]
     productlens kb info
-    productlens review sheets|zoom|record|status ...   (blind label review: labelling/review.py)
 
-The model server and database come from the same environment variables as the app
-(PRODUCTLENS_MODEL_GRPC, PRODUCTLENS_MODEL_NAME, PRODUCTLENS_DB_URL) or the flags below.
+(`productlens` is productlens/cli.py, which adds the review and publish commands; `python -m recommender.cli`
+runs these alone.) The model server, database and params come from the same settings as the app
+(recommender/settings.py: PRODUCTLENS_MODEL_GRPC, PRODUCTLENS_DB_URL, ...) unless the flags below say otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from recommender import kb
 from recommender.ranking import SORTS, PreferenceError, Preferences, ProductRow
+from recommender.settings import Settings, env_name, settings_problems
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], max_width: int = 60) -> str:
@@ -48,9 +50,8 @@ def product_table(products: Sequence[ProductRow]) -> str:
     )
 
 
-def cmd_recommend(args: argparse.Namespace) -> int:
-    from recommender.client import ModelServerError, PredictionClient
-    from recommender.params import load_recommender_params
+def cmd_recommend(args: argparse.Namespace, settings: Settings) -> int:
+    from recommender.client import ModelServerError
     from recommender.service import ImageRejected, Recommender, Timings, check_image
 
     try:
@@ -66,21 +67,18 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         return 2
     data = photo.read_bytes()
     try:
-        check_image(data, max_bytes=args.max_bytes)
+        check_image(data, max_bytes=settings.max_upload_bytes)
     except ImageRejected as error:
         print(f"error: {photo}: {error.message}", file=sys.stderr)
         return 2
-    engine = kb.make_engine(args.db_url)
-    client = PredictionClient(args.model_grpc, model_name=args.model_name, timeout_s=args.timeout)
+    recommender = Recommender.from_settings(settings)
     try:
-        recommender = Recommender(engine, client, load_recommender_params(args.params))
         answer = recommender.recommend_image(data, preferences, Timings())
     except ModelServerError as error:
         print(f"error: {error}", file=sys.stderr)
         return 3
     finally:
-        client.close()
-        engine.dispose()
+        recommender.close()
     if args.json:
         print(json.dumps(answer, indent=2))
         return 0
@@ -111,8 +109,8 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_kb_search(args: argparse.Namespace) -> int:
-    engine = kb.make_engine(args.db_url)
+def cmd_kb_search(args: argparse.Namespace, settings: Settings) -> int:
+    engine = kb.make_engine(settings.db_url)
     try:
         with engine.connect() as conn:
             rows = kb.search_products(conn, args.query, args.category, args.max_price, args.limit)
@@ -127,8 +125,8 @@ def cmd_kb_search(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_kb_info(args: argparse.Namespace) -> int:
-    engine = kb.make_engine(args.db_url)
+def cmd_kb_info(args: argparse.Namespace, settings: Settings) -> int:
+    engine = kb.make_engine(settings.db_url)
     try:
         with engine.connect() as conn:
             facts = kb.category_facts(conn)
@@ -145,12 +143,40 @@ def cmd_kb_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def parser() -> argparse.ArgumentParser:
-    root = argparse.ArgumentParser(prog="productlens", description="ProductLens recommender from the terminal.")
-    root.add_argument(
-        "--db-url", default=None, help="knowledge base URL (default: PRODUCTLENS_DB_URL or the SQLite file)"
-    )
-    commands = root.add_subparsers(dest="command", required=True)
+# Flags that override a setting: flag dest -> Settings field.
+SETTING_FLAGS = {
+    "db_url": "db_url",
+    "model_grpc": "model_grpc",
+    "model_name": "model_name",
+    "timeout": "model_timeout_s",
+    "params": "params_path",
+    "max_bytes": "max_upload_bytes",
+}
+
+
+def _setting_help(what: str, field: str) -> str:
+    return f"{what} (default: ${env_name(field)}, else {Settings.model_fields[field].default})"
+
+
+def settings_for(args: argparse.Namespace) -> Settings:
+    """The settings, with the flags given on the command line in place of the environment's."""
+    flags = {field: getattr(args, dest, None) for dest, field in SETTING_FLAGS.items()}
+    return Settings(**{field: value for field, value in flags.items() if value is not None})
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run a parsed recommender command; unusable settings are a message on stderr and exit 2."""
+    try:
+        settings = settings_for(args)
+    except ValidationError as error:
+        print(f"error: the settings cannot be used: {settings_problems(error)}", file=sys.stderr)
+        return 2
+    return args.command_func(args, settings)
+
+
+def add_commands(root: argparse.ArgumentParser, commands: argparse._SubParsersAction) -> None:
+    """The recommender's commands (recommend, kb) under `commands`, and their `--db-url` option on `root`."""
+    root.add_argument("--db-url", help=_setting_help("knowledge base URL", "db_url"))
 
     rec = commands.add_parser("recommend", help="recognise a product photo and recommend products")
     rec.add_argument("photo", type=Path)
@@ -160,13 +186,13 @@ def parser() -> argparse.ArgumentParser:
     rec.add_argument("--exclude-brand", action="append", default=[], help="brand to leave out (repeatable)")
     rec.add_argument("--require", action="append", default=[], help="required spec, e.g. wireless=true (repeatable)")
     rec.add_argument("--sort", choices=SORTS, default="best_value")
-    rec.add_argument("--model-grpc", default=os.environ.get("PRODUCTLENS_MODEL_GRPC", "localhost:8500"))
-    rec.add_argument("--model-name", default=os.environ.get("PRODUCTLENS_MODEL_NAME", "productlens"))
-    rec.add_argument("--timeout", type=float, default=10.0, help="deadline of the model call in seconds")
-    rec.add_argument("--params", type=Path, default=Path(os.environ.get("PRODUCTLENS_PARAMS", "params.yaml")))
-    rec.add_argument("--max-bytes", type=int, default=10 * 1024 * 1024)
+    rec.add_argument("--model-grpc", help=_setting_help("model server gRPC address", "model_grpc"))
+    rec.add_argument("--model-name", help=_setting_help("served model name", "model_name"))
+    rec.add_argument("--timeout", type=float, help=_setting_help("deadline of the model call, s", "model_timeout_s"))
+    rec.add_argument("--params", type=Path, help=_setting_help("params.yaml with `recommender:`", "params_path"))
+    rec.add_argument("--max-bytes", type=int, help=_setting_help("largest photo, bytes", "max_upload_bytes"))
     rec.add_argument("--json", action="store_true", help="print the API's JSON answer instead of a table")
-    rec.set_defaults(func=cmd_recommend)
+    rec.set_defaults(func=run, command_func=cmd_recommend)
 
     kb_parser = commands.add_parser("kb", help="query the knowledge base")
     kb_commands = kb_parser.add_subparsers(dest="kb_command", required=True)
@@ -176,15 +202,14 @@ def parser() -> argparse.ArgumentParser:
     search.add_argument("--max-price", type=float)
     search.add_argument("--limit", type=int, default=20)
     search.add_argument("--json", action="store_true")
-    search.set_defaults(func=cmd_kb_search)
+    search.set_defaults(func=run, command_func=cmd_kb_search)
     info = kb_commands.add_parser("info", help="products per category and what the build skipped")
-    info.set_defaults(func=cmd_kb_info)
+    info.set_defaults(func=run, command_func=cmd_kb_info)
 
-    from labelling import review
 
-    review_parser = commands.add_parser("review", help="blind label review: contact sheets and decisions")
-    review.parser(review_parser)
-    review_parser.set_defaults(func=review.run)
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="python -m recommender.cli", description=__doc__.splitlines()[0])
+    add_commands(root, root.add_subparsers(dest="command", required=True))
     return root
 
 

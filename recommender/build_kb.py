@@ -33,7 +33,7 @@ from common.catalog import validate_catalog
 from common.io import atomic_write_json
 from common.params import build, load_params, section
 from recommender.brands import BrandExtractor, clean_name
-from recommender.kb import (
+from recommender.kb_schema import (
     Category,
     ClassCategory,
     KbInfo,

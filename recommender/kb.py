@@ -1,149 +1,43 @@
-"""The product knowledge base: SQLAlchemy schema, engine, full-text search and candidate queries.
+"""The product knowledge base's queries: products by id, category facts, full-text search and candidates.
 
 A SQLite file is the embedded default (FTS5 on product names); PostgreSQL is used when
 PRODUCTLENS_DB_URL points at one (a GIN index on to_tsvector('simple', name)). Everything here
-is read-only except `create_schema` and `create_name_search`, which build_kb calls.
+is read-only; the schema and the engine live in recommender.kb_schema (what build_kb writes).
 """
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
-    JSON,
-    Engine,
-    Float,
-    ForeignKey,
-    Index,
-    Integer,
-    String,
-    Text,
     case,
-    create_engine,
     func,
     select,
     text,
 )
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import OperationalError
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from recommender.kb_schema import (  # noqa: F401  (re-exported: callers open the KB through recommender.kb)
+    DB_URL_ENV,
+    DEFAULT_DB_PATH,
+    PG_DOCUMENT,
+    Category,
+    ClassCategory,
+    KbInfo,
+    Product,
+    create_name_search,
+    create_schema,
+    default_db_url,
+    make_engine,
+    sqlite_url,
+)
 from recommender.ranking import SPEC_ALIASES, Preferences, ProductRow, Sort, SpecRequirement
 
-DEFAULT_DB_PATH = Path("artifacts/kb/productlens.db")
-DB_URL_ENV = "PRODUCTLENS_DB_URL"
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-class Category(Base):
-    """One catalog category with the facts the upload page shows (count, price range, top brands)."""
-
-    __tablename__ = "categories"
-
-    name: Mapped[str] = mapped_column(String(64), primary_key=True)
-    products: Mapped[int] = mapped_column(Integer)
-    priced: Mapped[int] = mapped_column(Integer)
-    min_price: Mapped[float | None] = mapped_column(Float)
-    median_price: Mapped[float | None] = mapped_column(Float)
-    max_price: Mapped[float | None] = mapped_column(Float)
-    top_brands: Mapped[list[str]] = mapped_column(JSON)
-    spec_names: Mapped[list[str]] = mapped_column(JSON)
-
-
-class Product(Base):
-    __tablename__ = "products"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    category: Mapped[str] = mapped_column(String(64), ForeignKey("categories.name"))
-    name: Mapped[str] = mapped_column(Text)
-    brand: Mapped[str] = mapped_column(String(128))
-    price: Mapped[float | None] = mapped_column(Float)  # None: no current offer
-    specs: Mapped[dict[str, Any]] = mapped_column(JSON)
-    quality: Mapped[float] = mapped_column(Float)  # geometric mean of value specs / category median (1 = typical)
-    value_score: Mapped[float | None] = mapped_column(Float)  # quality per dollar vs. the median; None without price
-    keywords: Mapped[str] = mapped_column(Text)  # searched with the name: category and key specs (GPU chipset, ...)
-    source: Mapped[str] = mapped_column(String(128))  # "<file>.csv:<line>"
-
-    __table_args__ = (
-        Index("ix_products_category_price", "category", "price"),
-        # Best value (the default sort) reads this index in order and stops at the pool size.
-        Index("ix_products_category_value", "category", text("value_score DESC"), "price", "id"),
-        Index("ix_products_brand", "brand"),
-    )
-
-
-class ClassCategory(Base):
-    """Model class -> catalog category; category is NULL for classes without a catalog (cables, microphone)."""
-
-    __tablename__ = "class_categories"
-
-    class_name: Mapped[str] = mapped_column(String(64), primary_key=True)
-    category: Mapped[str | None] = mapped_column(String(64))
-
-
-class KbInfo(Base):
-    """Build metadata: key -> JSON value (build time, row counts, skipped rows by reason)."""
-
-    __tablename__ = "kb_info"
-
-    key: Mapped[str] = mapped_column(String(64), primary_key=True)
-    value: Mapped[Any] = mapped_column(JSON)
-
-
-# --------------------------------------------------------------------------- engine
-
-
-def default_db_url() -> str:
-    return os.environ.get(DB_URL_ENV) or f"sqlite:///{DEFAULT_DB_PATH}"
-
-
-def sqlite_url(path: Path) -> str:
-    return f"sqlite:///{Path(path)}"
-
-
-def make_engine(url: str | None = None) -> Engine:
-    """An engine for `url` (default: PRODUCTLENS_DB_URL, else the SQLite file under artifacts/kb/)."""
-    url = url or default_db_url()
-    if url.startswith("sqlite"):
-        # Requests are served from a thread pool; the file is read-only at serving time.
-        return create_engine(url, connect_args={"check_same_thread": False})
-    return create_engine(url, pool_pre_ping=True)
-
-
-def create_schema(engine: Engine) -> None:
-    Base.metadata.drop_all(engine)
-    Base.metadata.create_all(engine)
-
-
-def create_name_search(conn: Connection) -> None:
-    """Build the full-text index on product names (after the products are inserted)."""
-    if conn.dialect.name == "sqlite":
-        conn.exec_driver_sql("DROP TABLE IF EXISTS products_fts")
-        conn.exec_driver_sql(
-            "CREATE VIRTUAL TABLE products_fts USING fts5("
-            "name, keywords, content='products', content_rowid='id', tokenize='unicode61 remove_diacritics 2')"
-        )
-        conn.exec_driver_sql("INSERT INTO products_fts(products_fts) VALUES ('rebuild')")
-    elif conn.dialect.name == "postgresql":
-        conn.exec_driver_sql("DROP INDEX IF EXISTS ix_products_name_fts")
-        conn.exec_driver_sql(f"CREATE INDEX ix_products_name_fts ON products USING gin ({PG_DOCUMENT})")
-        conn.exec_driver_sql("ANALYZE products")
-    else:
-        raise NotImplementedError(f"no full-text search for database '{conn.dialect.name}' (use SQLite or PostgreSQL)")
-
-
 # --------------------------------------------------------------------------- reads
-
-# The PostgreSQL document searched; the GIN index is on exactly this expression so queries use it.
-PG_DOCUMENT = "to_tsvector('simple', name || ' ' || keywords)"
 
 PRODUCT_COLUMNS = (
     Product.id,

@@ -123,5 +123,6 @@ def test_stage_lists_no_code_it_does_not_run(name):
 def test_the_import_walk_sees_function_level_and_from_package_imports():
     # evaluate reads images through common.data inside its functions only; build_kb imports siblings by package.
     assert REPO_ROOT / "common" / "data.py" in imported_files("components.evaluate")
-    assert REPO_ROOT / "recommender" / "kb.py" in imported_files("recommender.build_kb")
+    assert REPO_ROOT / "recommender" / "kb_schema.py" in imported_files("recommender.build_kb")
+    assert REPO_ROOT / "recommender" / "ranking.py" not in imported_files("recommender.build_kb")
     assert REPO_ROOT / "components" / "train.py" not in imported_files("components.evaluate")

@@ -58,11 +58,11 @@ def apply_overrides(params: dict[str, Any], overrides: Mapping[str, Any]) -> dic
             node = node[part]
         if not isinstance(node, dict) or leaf not in node:
             raise KeyError(f"params override {dotted!r}: no such key in params.yaml")
-        node[leaf] = like(node[leaf], value)
+        node[leaf] = override_value(node[leaf], value)
     return merged
 
 
-def like(current: Any, value: Any) -> Any:
+def override_value(current: Any, value: Any) -> Any:
     """`value` in the type of the value it replaces where that is lossless: KFP passes every number of a
     dict parameter as a float (protobuf Struct), so `{"train.epochs": 2}` arrives as 2.0."""
     if isinstance(current, int) and not isinstance(current, bool) and isinstance(value, float) and value.is_integer():

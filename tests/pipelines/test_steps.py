@@ -60,3 +60,7 @@ def test_submit_arguments_parse_json_values_and_keep_plain_strings():
     }
     with pytest.raises(ValueError, match="name=value"):
         parse_run_arguments(["no-equals-sign"])
+
+
+def test_an_override_keeps_a_fraction_that_kfp_cannot_have_turned_from_an_int():
+    assert steps.override_value(30, 2.5) == 2.5

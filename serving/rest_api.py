@@ -13,8 +13,8 @@ The transport is uvicorn (HTTP/1.1 keep-alive, by h11) running a Starlette app i
 process; requests run on worker threads. It refuses what would hold a connection or memory, answering in the
 same JSON error shape: a body without one non-negative integer Content-Length (400, 411; Transfer-Encoding 501),
 over --max_request_bytes (413), a request line and headers over MAX_HEADER_BYTES (431), JSON nested deeper than
-MAX_JSON_DEPTH (400). A connection that sends nothing for the read timeout while the server waits for its
-request is closed; an idle keep-alive connection is closed after the keep-alive timeout.
+MAX_JSON_DEPTH (400). A connection is closed when its request line and headers take longer than the read
+timeout, or its body stalls for that long; an idle keep-alive connection after the keep-alive timeout.
 """
 
 from __future__ import annotations
@@ -400,9 +400,10 @@ def protocol_error_message(error: BaseException | None) -> str:
 class ReadTimeoutH11Protocol(H11Protocol):
     """uvicorn's HTTP/1.1 connection, plus what it lacks against slow or careless clients:
 
-    - a read timeout: while the server waits for a client's bytes (a new connection's first request, the rest of
-      a request's headers or body), a connection that sends nothing for `read_timeout_s` is closed. Between
-      requests, uvicorn's keep-alive timeout applies instead; while a request runs, neither.
+    - a read timeout: while the server waits for a request's body, a connection that sends nothing for
+      `read_timeout_s` is closed; a request line and headers (a new connection's, or the next request's once it
+      has begun) must arrive within `read_timeout_s` in all, however slowly they trickle in. Between requests,
+      uvicorn's keep-alive timeout applies instead; while a request runs, neither.
     - requests h11 refuses (bad Content-Length, headers over the limit, ...) are answered in the API's JSON error
       shape with h11's status (400, 431, 501), not uvicorn's plain-text 400.
     - a client that half-closes after sending its request still gets the answer.
@@ -412,17 +413,25 @@ class ReadTimeoutH11Protocol(H11Protocol):
         super().__init__(*args, **kwargs)
         self.read_timeout_s = read_timeout_s
         self._last_read = 0.0
+        self._head_started: float | None = None  # when the request line and headers being read began to arrive
         self._read_timer: asyncio.TimerHandle | None = None
         self._eof = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         super().connection_made(transport)
-        self._last_read = self.loop.time()
+        # uvicorn writes headers and body separately: with Nagle on, the client's delayed ACK adds ~40 ms. asyncio
+        # turns it off only for sockets made with proto IPPROTO_TCP, which the pre-bound listening socket is not.
+        transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._last_read = self._head_started = self.loop.time()
         self._arm_read_timer()
 
     def data_received(self, data: bytes) -> None:
         self._last_read = self.loop.time()
+        if self._head_started is None and self.conn.their_state is h11.IDLE:
+            self._head_started = self._last_read
         super().data_received(data)
+        if self.conn.their_state is not h11.IDLE:  # the head is complete (or refused)
+            self._head_started = None
         self._arm_read_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -457,11 +466,15 @@ class ReadTimeoutH11Protocol(H11Protocol):
         if self.transport.is_closing() or not self._waiting_for_client():
             return
         assert self.read_timeout_s is not None
-        quiet_s = self.loop.time() - self._last_read
-        if quiet_s < self.read_timeout_s:  # data came in meanwhile: wait out the rest from the last read
-            self._read_timer = self.loop.call_later(self.read_timeout_s - quiet_s, self._read_timed_out)
+        reading_head = self.conn.their_state is h11.IDLE and self._head_started is not None
+        since = self._head_started if reading_head else self._last_read
+        assert since is not None
+        waited_s = self.loop.time() - since
+        if waited_s < self.read_timeout_s:  # data came in meanwhile: wait out the rest
+            self._read_timer = self.loop.call_later(self.read_timeout_s - waited_s, self._read_timed_out)
             return
-        log.debug("REST connection from %s sent nothing for %.1f s: closed", self.client, quiet_s)
+        what = "its request line and headers took" if reading_head else "it sent nothing for"
+        log.debug("REST connection from %s closed: %s %.1f s", self.client, what, waited_s)
         self.transport.abort()
 
     def send_400_response(self, msg: str) -> None:

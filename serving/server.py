@@ -13,9 +13,9 @@ Safer than tensorflow_model_server, with flags it does not have: both ports bind
 (default: the folders of the startup config's base paths); HandleReloadConfigRequest is off on a
 non-loopback address unless $PRODUCTLENS_RELOAD_CONFIG_TOKEN is set, and then needs that token
 (--reload_config_rpc); on SIGTERM or SIGINT the server refuses new requests and gives in-flight ones
---shutdown_grace_seconds to finish; a REST connection that stalls for --rest_api_read_timeout_in_ms
-while the server waits for its request is closed, and an idle keep-alive one after
---rest_api_keep_alive_timeout_in_ms.
+--shutdown_grace_seconds to finish; a REST connection is closed when its request line and headers take
+longer than --rest_api_read_timeout_in_ms or its body stalls that long, and when it has been idle for
+--rest_api_keep_alive_timeout_in_ms after a response.
 """
 
 from __future__ import annotations
@@ -100,7 +100,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--rest_api_read_timeout_in_ms",
         type=int,
         default=30_000,
-        help="close a REST connection whose next read (request line, headers, body chunk) takes longer; 0: never",
+        help="close a REST connection whose request line and headers take longer, or whose body stalls this long; "
+        "0: never",
     )
     add(
         "--rest_api_keep_alive_timeout_in_ms",

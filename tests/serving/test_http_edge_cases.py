@@ -1,6 +1,7 @@
 """The REST port under requests a careless or hostile client sends: the answer is a 4xx that says what is wrong
 (never a 200 that skipped a limit, never a 500), a stalled connection is closed after the read timeout, and
-error messages carry no TensorFlow internals (node or function names, C++ call sites).
+error messages carry no TensorFlow internals (node or function names, C++ call sites). Keep-alive: one
+connection carries many requests, idle between them until the keep-alive timeout.
 
 The requests go over raw sockets, so the tests hold whatever HTTP library serves the port.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -23,6 +25,7 @@ from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 from tests.fixtures.model_server import MODEL_NAME, ForkedServer, ServerZygote, TinyModel, export_tiny
 
 READ_TIMEOUT_S = 1.0
+KEEP_ALIVE_TIMEOUT_S = 3.0
 PREDICT_PATH = f"/v1/models/{MODEL_NAME}:predict"
 TENSORFLOW_INTERNALS = ("{{", "[[", "node ", "Decode", "::", "__inference")
 
@@ -36,6 +39,7 @@ def server(server_zygote: ServerZygote, tiny_model: TinyModel, tmp_path_factory:
         f"--model_name={MODEL_NAME}",
         f"--model_base_path={root / 'models' / MODEL_NAME}",
         f"--rest_api_read_timeout_in_ms={int(READ_TIMEOUT_S * 1000)}",
+        f"--rest_api_keep_alive_timeout_in_ms={int(KEEP_ALIVE_TIMEOUT_S * 1000)}",
     ) as running:
         yield running
 
@@ -60,17 +64,23 @@ def exchange(server: ForkedServer, data: bytes, shut_write: bool = False) -> tup
         conn.sendall(data)
         if shut_write:
             conn.shutdown(socket.SHUT_WR)
-        received = b""
-        while True:
-            head, blank_line, body = received.partition(b"\r\n\r\n")
-            if blank_line and len(body) >= _content_length(head):
-                break
-            chunk = conn.recv(65536)
-            if not chunk:
-                break
-            received += chunk
+        status, _, body = read_response(conn)
+    return status, body
+
+
+def read_response(conn: socket.socket) -> tuple[int, bytes, dict]:
+    """One response from `conn`: its status, head (lowercase) and JSON body."""
+    received = b""
+    while True:
+        head, blank_line, body = received.partition(b"\r\n\r\n")
+        if blank_line and len(body) >= _content_length(head):
+            break
+        chunk = conn.recv(65536)
+        if not chunk:
+            break
+        received += chunk
     status = int(head.split(b" ", 2)[1])
-    return status, json.loads(body[: _content_length(head)])
+    return status, head.lower(), json.loads(body[: _content_length(head)])
 
 
 def _content_length(head: bytes) -> int:
@@ -164,6 +174,73 @@ def test_a_stalled_connection_is_closed_after_the_read_timeout_while_others_are_
             leftover = b""
         assert leftover == b""
     assert_still_serves(server, photo)
+
+
+def test_a_client_that_trickles_its_headers_is_cut_off_after_the_read_timeout(server: ForkedServer) -> None:
+    """Every byte comes well within the read timeout, but the request line and headers may take only that long."""
+    head = f"GET /v1/models/{MODEL_NAME} HTTP/1.1\r\nHost: test\r\nX-Slow: {'a' * 100}\r\n\r\n".encode()
+    with connect(server) as conn:
+        with pytest.raises(OSError):  # BrokenPipeError or ConnectionResetError once the server has closed it
+            for byte in head:  # ~35 s if the server waited for all of it
+                conn.sendall(bytes([byte]))
+                time.sleep(READ_TIMEOUT_S / 4)
+
+
+def test_a_request_head_that_never_ends_is_refused_once_over_the_header_limit(
+    server: ForkedServer, photo: bytes
+) -> None:
+    endless = f"GET /v1/models/{MODEL_NAME} HTTP/1.1\r\nHost: test\r\n".encode() + b"X-Padding: " + b"a" * (80 << 10)
+    status, reply = exchange(server, endless)
+    assert (status, "headers" in reply.get("error", "")) == (431, True), reply
+    assert_still_serves(server, photo)
+
+
+def test_an_oversized_body_announced_with_expect_100_continue_is_refused_before_it_is_sent(
+    server: ForkedServer,
+) -> None:
+    status, reply = exchange(server, post(["Expect: 100-continue", f"Content-Length: {1 << 30}"], b""))
+    assert (status, "limit" in reply.get("error", "")) == (413, True), reply
+
+
+@pytest.mark.parametrize(
+    ("request_line", "status"),
+    [(f"PUT /v1/models/{MODEL_NAME} HTTP/1.1", 501), ("GET /favicon.ico HTTP/1.1", 404)],
+    ids=["method", "path"],
+)
+def test_what_the_api_does_not_have_is_answered_in_its_json_error_shape(
+    request_line: str, status: int, server: ForkedServer
+) -> None:
+    answered, reply = exchange(server, f"{request_line}\r\nHost: test\r\nContent-Length: 0\r\n\r\n".encode())
+    assert (answered, bool(reply.get("error"))) == (status, True), reply
+
+
+def test_requests_on_one_keep_alive_connection_are_answered_on_it_and_it_idles_past_the_read_timeout(
+    server: ForkedServer, photo: bytes
+) -> None:
+    body = predict_body(photo)
+    with connect(server) as conn:
+        for index in range(3):
+            if index == 2:
+                time.sleep(READ_TIMEOUT_S * 1.5)  # idle between requests: the keep-alive timeout applies, not this
+            conn.sendall(post([f"Content-Length: {len(body)}"], body))
+            status, head, reply = read_response(conn)
+            assert status == 200, reply
+            assert reply["predictions"][0]["class_names"][0] == "keyboard"
+            assert b"connection: close" not in head
+
+
+def test_an_idle_keep_alive_connection_is_closed_after_the_keep_alive_timeout(
+    server: ForkedServer, photo: bytes
+) -> None:
+    body = predict_body(photo)
+    with connect(server, timeout_s=KEEP_ALIVE_TIMEOUT_S + 15) as conn:
+        conn.sendall(post([f"Content-Length: {len(body)}"], body))
+        assert read_response(conn)[0] == 200
+        try:
+            leftover = conn.recv(1024)  # b"": the server closed it (the client-side timeout is 15 s longer)
+        except ConnectionResetError:
+            leftover = b""
+        assert leftover == b""
 
 
 def truncated(image: bytes) -> bytes:

@@ -237,13 +237,15 @@ def predict_probabilities(model: Any, split: Split, batch_size: int) -> np.ndarr
 
 
 def confusion_rows(labels: np.ndarray, predictions: np.ndarray, class_names: list[str]) -> pd.DataFrame:
-    """One row per image (actual, predicted class names): the input of DVC's confusion template."""
+    """One row per image (actual, predicted class names): the input of DVC's confusion template, which dvc.yaml
+    draws with actual on y (rows) and predicted on x (columns), the layout of confusion_png."""
     names = np.asarray(class_names, dtype=object)
     return pd.DataFrame({"actual": names[labels], "predicted": names[predictions]})
 
 
 def confusion_png(matrix: np.ndarray, class_names: list[str], title: str) -> bytes:
-    """The confusion matrix as a PNG (counts in cells, rows = actual)."""
+    """The confusion matrix (`matrix[actual, predicted]`, scikit-learn's layout) as a PNG: counts in cells,
+    rows = actual on y, columns = predicted on x, as dvc.yaml draws the CSV."""
     import io
 
     import matplotlib

@@ -40,6 +40,9 @@ from components.model import (
 
 log = logging.getLogger("components.train")
 
+# DVCLive metric (plots/metrics/fine_tuning.tsv): 0 while the head trains, 1 while the base is fine-tuned.
+FINE_TUNING_SERIES = "fine_tuning"
+
 
 @dataclass(frozen=True)
 class TrainParams:
@@ -151,6 +154,8 @@ class EpochLog:
                     continue
                 split = "val" if name.startswith("val_") else "train"
                 self.live.log_metric(f"{split}/{name.removeprefix('val_')}", value)
+            # The learning curves step where fine-tuning starts; this 0/1 series marks that boundary on them.
+            self.live.log_metric(FINE_TUNING_SERIES, float(phase.endswith("fine_tune")))
             self.live.next_step()
 
     def close(self) -> None:

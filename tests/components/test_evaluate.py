@@ -129,6 +129,34 @@ def test_selective_figures_at_a_threshold() -> None:
     assert selective_figures(CONFIDENCE, CORRECT, threshold=1.0)["selective_accuracy"] is None
 
 
+def test_confusion_png_and_dvc_plot_both_put_actual_on_rows() -> None:
+    """Every image of class a predicted as c: the PNG's one filled cell is top right (row a, column c), and
+    dvc.yaml draws the CSV with actual on y and predicted on x, so the two read the same way."""
+    import io
+
+    import yaml
+    from dvc_render.vega import VegaRenderer
+    from PIL import Image
+    from sklearn.metrics import confusion_matrix
+
+    labels, predictions = np.zeros(50, dtype=int), np.full(50, 2)
+    matrix = confusion_matrix(labels, predictions, labels=range(len(NAMES)))
+    png = Image.open(io.BytesIO(evaluate.confusion_png(matrix, NAMES, "a predicted as c")))
+    pixels = np.asarray(png.convert("RGB"), dtype=int)
+    darkest_blue = np.array([8, 48, 107])  # matplotlib's Blues at the maximum count
+    rows, columns = np.nonzero(np.abs(pixels - darkest_blue).sum(axis=2) < 30)
+    height, width = pixels.shape[:2]
+    assert columns.mean() > width / 2 and rows.mean() < height / 2, "the filled cell is not row a, column c"
+
+    stage_plots = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]["evaluate"]["plots"]
+    properties = next(p for p in stage_plots if isinstance(p, dict) and "plots/evaluate/confusion.csv" in p)
+    properties = {k: v for k, v in properties["plots/evaluate/confusion.csv"].items() if k != "cache"}
+    points = evaluate.confusion_rows(labels, predictions, NAMES).assign(rev="workspace").to_dict("records")
+    encoding = VegaRenderer(points, "confusion", **properties).get_filled_template()["spec"]["encoding"]
+    assert (encoding["y"]["field"], encoding["x"]["field"]) == ("actual", "predicted")
+    assert (encoding["y"]["title"], encoding["x"]["title"]) == ("actual", "predicted")  # the PNG's axis labels
+
+
 # ----- the CLI ----------------------------------------------------------------------------------------------------
 def run_cli(model_path: Path, splits: Path, images: Path, out: Path) -> dict[str, Path]:
     paths = {
@@ -162,7 +190,7 @@ def test_cli_writes_metrics_confusion_matrix_and_risk_coverage(
     assert written["split"] == "test" and written["images"] == len(test_rows)
     assert set(written["per_class"]) == set(synthetic_data.class_names)
     rows = pd.read_csv(paths["confusion_csv"])
-    assert list(rows.columns) == ["actual", "predicted"]  # DVC's confusion template: x actual, y predicted
+    assert list(rows.columns) == ["actual", "predicted"]  # dvc.yaml: y (rows) actual, x (columns) predicted
     assert list(rows["actual"]) == list(test_rows["class_name"])
     assert (rows["actual"] == rows["predicted"]).mean() == pytest.approx(written["accuracy"])
     assert paths["confusion_png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -122,7 +122,7 @@ def fetch_data(data_location: str, data_revision: str, params_overrides: Mapping
                  *revision])  # fmt: skip
     else:
         log.info("no %s at %s: the folder labels are used as they are", REVIEWS_FILE, data_revision or "HEAD")
-    # data.dvc pins the dataset's md5: export copies it into the model card.
+    # data.dvc pins the dataset's md5: publish records it in the published model card.
     run_cli([sys.executable, "-m", "dvc", "get", data_location, DATA_DVC_FILE, "-o", str(data_dir / DATA_DVC_FILE),
              *revision])  # fmt: skip
     log.info("data: DVC repository %s at %s", data_location, data_revision or "its default branch")

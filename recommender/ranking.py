@@ -31,7 +31,8 @@ class ProductRow:
     value_score: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "specs": dict(self.specs)}
+        """The row as JSON: `specs` as the catalog has them, `readable_specs` as a person reads them."""
+        return {**asdict(self), "specs": dict(self.specs), "readable_specs": readable_specs(self.category, self.specs)}
 
 
 # --------------------------------------------------------------------------- preferences
@@ -102,14 +103,13 @@ class SpecRequirement:
             return number is not None and math.isclose(number, self.value, rel_tol=1e-9, abs_tol=1e-9)
         return str(self.value).lower() in str(value).lower()
 
-    def describe(self, specs: Mapping[str, Any]) -> str:
-        """How a matching product meets this requirement, in words ("wireless", "screen size 27")."""
+    def describe(self, specs: Mapping[str, Any], category: str | None = None) -> str:
+        """How a matching product meets this requirement, in words ("wireless", 'screen size 27"')."""
         found = self.spec_value(specs)
         name, value = found if found else (self.key, None)
-        words = name.replace("_", " ")
         if isinstance(value, bool):
-            return words if value else f"not {words}"
-        return f"{words} {_format_value(value)}"
+            return spec_label(name) if value else f"not {spec_label(name)}"
+        return f"{spec_label(name)} {spec_text(category, name, value)}"
 
 
 @dataclass(frozen=True)
@@ -232,7 +232,7 @@ def explain(row: ProductRow, preferences: Preferences, rank_note: str | None = N
         parts = [f"{_money(row.price)} USD"]
     if preferences.prefers(row.brand):
         parts.append(f"{row.brand}, a brand you prefer")
-    parts += [requirement.describe(row.specs) for requirement in preferences.requirements]
+    parts += [requirement.describe(row.specs, row.category) for requirement in preferences.requirements]
     if rank_note:
         parts.append(rank_note)
     return "; ".join(parts)
@@ -247,9 +247,10 @@ def rank_note(row: ProductRow, preferences: Preferences, position: int) -> str |
         return "the most premium match" if position == 0 else None
     if row.value_score is None:
         return None
+    typical = f"{'' if is_plural(row.category) else 'a '}typical {noun(row.category)}"
     if row.quality == 1.0:  # no value specs for this product: value for money is its price against the median
-        return f"costs {1 / row.value_score:.0%} of a typical {row.category}'s price"
-    return f"{row.value_score:.1f}x the typical {row.category} value for money"
+        return f"costs {1 / row.value_score:.0%} of {possessive(typical)} price"
+    return f"{row.value_score:.1f}x the value for money of {typical}"
 
 
 def rank_products(rows: Iterable[ProductRow], preferences: Preferences, limit: int) -> list[Recommendation]:
@@ -298,10 +299,6 @@ class RecommendationResult:
         return None if self.uncertain else self.choices[0].category
 
 
-def _article(word: str) -> str:
-    return "an" if word[:1].lower() in "aeiou" else "a"
-
-
 def choose_categories(
     top_k: Sequence[ClassScore],
     class_to_category: Mapping[str, str | None],
@@ -323,11 +320,8 @@ def choose_categories(
         picked = ordered[:1]
     choices = []
     for candidate in picked:
-        label = (
-            f"possibly {_article(candidate.class_name)} {candidate.class_name} ({candidate.probability:.0%})"
-            if uncertain
-            else f"{candidate.class_name} ({candidate.probability:.0%})"
-        )
+        # "a keyboard (85%)", "speakers (85%)", "possibly an HDD (40%)": what the page and the CLI show.
+        label = f"{'possibly ' if uncertain else ''}{with_article(candidate.class_name)} ({candidate.probability:.0%})"
         choices.append(
             CategoryChoice(
                 candidate.class_name, candidate.probability, class_to_category.get(candidate.class_name), label
@@ -339,8 +333,8 @@ def choose_categories(
 def no_catalog_message(choice: CategoryChoice) -> str:
     name = choice.class_name
     return (
-        f"This looks like {_article(name)} {name} ({choice.probability:.0%}), but the knowledge base has no "
-        f"{name} catalog, so there is nothing to recommend for it."
+        f"This looks like {with_article(name)} ({choice.probability:.0%}), but the knowledge base has no "
+        f"{noun(name)} catalog, so there is nothing to recommend for it."
     )
 
 
@@ -365,7 +359,7 @@ def recommend(
     messages: list[str] = []
     if uncertain:
         messages.append(
-            f"Not sure what this is: the best guess, {ordered[0].class_name}, has only "
+            f"Not sure what this is: the best guess, {noun(ordered[0].class_name)}, has only "
             f"{ordered[0].probability:.0%} confidence, under this model's not-sure threshold of "
             f"{not_sure_threshold:.0%}. Showing candidates from the top {len(choices)} categories."
         )
@@ -381,7 +375,7 @@ def recommend(
     ]
     products = _interleave(lists)[:max_products]
     if with_catalog and not products:
-        wanted = ", ".join(c.category or "" for c in with_catalog)
+        wanted = " or ".join(noun(c.category or "") for c in with_catalog)
         messages.append(f"No {wanted} product matches your preferences; try a wider budget or fewer requirements.")
     return RecommendationResult(ordered[0], uncertain, choices, products, messages)
 
@@ -410,7 +404,149 @@ def _money(value: float | None) -> str:
     return f"{value:.0f}" if float(value).is_integer() else f"{value:.2f}"
 
 
-def _format_value(value: Any) -> str:
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value)
+def _plain_number(value: float, thousands: str = ",") -> str:
+    """12000 -> "12,000", 23.8 -> "23.8", 2.0 -> "2": no trailing zeros; `thousands=""` for model numbers."""
+    text = f"{int(value):,}" if float(value).is_integer() else f"{value:,.3f}".rstrip("0").rstrip(".")
+    return text.replace(",", thousands)
+
+
+# --------------------------------------------------------------------------- English
+
+# Model classes and catalog categories as words in a sentence (the rest read as they are written).
+NOUNS = {
+    "cpu": "CPU",
+    "gpu": "GPU",
+    "hdd": "HDD",
+    "ram": "RAM module",
+    "memory": "memory kit",
+    "video-card": "video card",
+    "internal-hard-drive": "internal hard drive",
+}
+PLURAL_NOUNS = frozenset({"cables", "headphones", "speakers"})  # one product, plural word: "a pair of headphones"
+# Initialisms spoken letter by letter take "an" before a vowel sound: an HDD, an SSD, a CPU; RAM is a word.
+VOWEL_SOUND_LETTERS = frozenset("AEFHILMNORSX")
+SPOKEN_AS_WORDS = frozenset({"RAM"})
+
+
+def noun(name: str) -> str:
+    """A class or category name as words: "video-card" -> "video card", "hdd" -> "HDD"."""
+    return NOUNS.get(name, name.replace("-", " ").replace("_", " "))
+
+
+def is_plural(name: str) -> bool:
+    return name in PLURAL_NOUNS
+
+
+def _article(words: str) -> str:
+    first = words.split(" ", 1)[0]
+    if len(first) > 1 and first.isupper() and first not in SPOKEN_AS_WORDS:
+        return "an" if first[0] in VOWEL_SOUND_LETTERS else "a"
+    return "an" if first[:1].lower() in "aeiou" else "a"
+
+
+def with_article(name: str) -> str:
+    """A class or category as a noun phrase: "a keyboard", "an HDD", "speakers" (plural: no article)."""
+    words = noun(name)
+    return words if is_plural(name) else f"{_article(words)} {words}"
+
+
+def possessive(phrase: str) -> str:
+    """ "a typical mouse" -> "a typical mouse's", "typical headphones" -> "typical headphones'"."""
+    last = phrase.rsplit(" ", 1)[-1]
+    return f"{phrase}'" if last in PLURAL_NOUNS else f"{phrase}'s"
+
+
+# --------------------------------------------------------------------------- readable specs
+
+# Units of the catalog's numeric specs (PCPartPicker's conventions); (category, spec) first, then spec alone.
+SPEC_UNITS: dict[tuple[str | None, str], str] = {
+    ("cpu", "core_clock"): "GHz",
+    ("cpu", "boost_clock"): "GHz",
+    ("video-card", "core_clock"): "MHz",
+    ("video-card", "boost_clock"): "MHz",
+    ("video-card", "memory"): "GB",
+    ("internal-hard-drive", "form_factor"): '"',
+    (None, "screen_size"): '"',
+    (None, "refresh_rate"): "Hz",
+    (None, "response_time"): "ms",
+    (None, "tdp"): "W",
+    (None, "wattage"): "W",
+    (None, "psu"): "W",
+    (None, "length"): "mm",
+    (None, "external_volume"): "L",
+    (None, "cache"): "MB",
+    (None, "capacity"): "GB",
+    (None, "max_memory"): "GB",
+    (None, "total_gb"): "GB",
+    (None, "first_word_latency"): "ns",
+    (None, "fov"): "°",
+    (None, "price_per_gb"): "USD",
+}
+UNITS_WITHOUT_SPACE = frozenset({'"', "°"})
+SPEC_LABELS = {
+    "fov": "field of view",
+    "max_dpi": "max DPI",
+    "tdp": "TDP",
+    "psu": "power supply",
+    "price_per_gb": "price per GB",
+    "internal_35_bays": 'internal 3.5" bays',
+    "cas_latency": "CAS latency",
+    "total_gb": "total capacity",
+    "os": "OS",
+}
+# Specs the knowledge base derives from another one that `readable_specs` already shows (memory speed and
+# modules, monitor resolution); they stay in `specs` for requirements such as total_gb>=32.
+DERIVED_SPECS = frozenset({"ddr", "speed_mhz", "module_count", "module_gb", "pixels"})
+_PAIR = re.compile(r"\s*(\d+(?:\.\d+)?)\s*[,x]\s*(\d+(?:\.\d+)?)\s*")
+
+
+def spec_label(name: str) -> str:
+    """A spec name as words: "frequency_response" -> "frequency response", "fov" -> "field of view"."""
+    return SPEC_LABELS.get(name, name.replace("_", " "))
+
+
+def spec_text(category: str | None, name: str, value: Any) -> str:
+    """One spec value as a person reads it: "20,20" frequency response -> "20–20,000 Hz", "5,6000" memory speed
+    -> "DDR5-6000", "2,16" modules -> "2 × 16 GB", True -> "yes", "4k,1080p" -> "4k, 1080p", 27 screen size
+    -> '27"'."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if value is None:
+        return "-"
+    pair = _PAIR.fullmatch(value) if isinstance(value, str) else None
+    if pair:
+        low, high = float(pair.group(1)), float(pair.group(2))
+        if name == "frequency_response":  # the catalog's low end is in Hz, its high end in kHz
+            return f"{_plain_number(low)}–{_plain_number(high * 1000)} Hz"
+        if name == "speed" and category == "memory":
+            return f"DDR{_plain_number(low)}-{_plain_number(high, thousands='')}"
+        if name == "modules" and category == "memory":
+            return f"{_plain_number(low)} × {_plain_number(high)} GB"
+        if name == "resolution":
+            return f"{_plain_number(low, thousands='')} × {_plain_number(high, thousands='')}"
+        return f"{_plain_number(low)}, {_plain_number(high)}"
+    if isinstance(value, int | float):
+        if name == "configuration" and category == "speakers":  # 2 -> 2.0, 5.1 -> 5.1 (channels)
+            return f"{float(value):.1f}"
+        if name == "cas_latency":
+            return f"CL{_plain_number(value)}"
+        if name == "type" and category == "internal-hard-drive":  # a spinning drive's type is its speed
+            return f"{_plain_number(value)} RPM"
+        unit = SPEC_UNITS.get((category, name)) or SPEC_UNITS.get((None, name))
+        text = _plain_number(value)
+        if unit is None:
+            return text
+        return f"{text}{unit}" if unit in UNITS_WITHOUT_SPACE else f"{text} {unit}"
+    text = str(value).strip()
+    if "," in text and ", " not in text:  # a list the catalog wrote without spaces: "Windows,OS X"
+        return ", ".join(part.strip() for part in text.split(",") if part.strip())
+    return text
+
+
+def readable_specs(category: str | None, specs: Mapping[str, Any]) -> dict[str, str]:
+    """Every spec of a product as label -> readable text, in the catalog's order (derived duplicates left out)."""
+    return {
+        spec_label(name): spec_text(category, name, value)
+        for name, value in specs.items()
+        if name not in DERIVED_SPECS and value is not None
+    }

@@ -1,9 +1,11 @@
-"""Ranking: what a shopper sees for a prediction and their preferences (pure functions, no I/O)."""
+"""Ranking: what a shopper sees for a prediction and their preferences (pure functions; the last tests read real
+products from the knowledge base built from the real catalog)."""
 
 from __future__ import annotations
 
 import pytest
 
+from recommender import kb
 from recommender.ranking import (
     PreferenceError,
     Preferences,
@@ -13,6 +15,7 @@ from recommender.ranking import (
     recommend,
 )
 from serving.contract import ClassScore
+from tests.fixtures.knowledge_base import BuiltKb
 
 MAPPING = {"mouse": "mouse", "keyboard": "keyboard", "monitor": "monitor", "microphone": None, "cables": None}
 
@@ -180,3 +183,84 @@ def test_best_value_without_value_specs_is_explained_by_price_against_the_median
     assert rank_products([plain], Preferences(), 1)[0].explanation == (
         "11.49 USD; costs 12% of a typical keyboard's price"
     )
+
+
+# --------------------------------------------------------------------------- what a shopper reads (real KB rows)
+
+
+def real_row(real_kb: BuiltKb, category: str, name: str) -> ProductRow:
+    """The cheapest product of the real knowledge base with exactly this name."""
+    engine = kb.make_engine(real_kb.url)
+    try:
+        with engine.connect() as conn:
+            rows = [r for r in kb.search_products(conn, name, category, limit=50) if r.name == name]
+    finally:
+        engine.dispose()
+    assert rows, f"no {category} named {name!r} in the real knowledge base"
+    return min(rows, key=lambda r: (r.price is None, r.price or 0.0, r.id))
+
+
+def test_specs_of_real_products_read_with_units_ranges_and_lists(real_kb: BuiltKb) -> None:
+    headphones = real_row(real_kb, "headphones", "HP HyperX Cloud II")
+    assert headphones.specs["frequency_response"] == "15,25"  # the catalog's: Hz, then kHz
+    assert headphones.to_dict()["readable_specs"] == {
+        "type": "Circumaural",
+        "frequency response": "15–25,000 Hz",
+        "microphone": "yes",
+        "wireless": "no",
+        "enclosure type": "Closed",
+        "color": "Black / Red",
+    }
+    memory = real_row(real_kb, "memory", "Corsair Vengeance RGB 32 GB").to_dict()
+    assert (memory["specs"]["speed"], memory["specs"]["ddr"]) == ("5,6000", 5)  # raw specs stay for requirements
+    readable = memory["readable_specs"]
+    assert (readable["speed"], readable["modules"], readable["CAS latency"]) == ("DDR5-6000", "2 × 16 GB", "CL36")
+    assert readable["total capacity"] == "32 GB" and not {"ddr", "speed mhz", "module gb"} & set(readable)
+    monitor = real_row(real_kb, "monitor", "KOORUI 24E3").to_dict()["readable_specs"]
+    assert (monitor["screen size"], monitor["resolution"], monitor["refresh rate"]) == ('24"', "1920 × 1080", "165 Hz")
+    webcam = real_row(real_kb, "webcam", "Razer Kiyo Pro Ultra").to_dict()["readable_specs"]
+    assert (webcam["resolutions"], webcam["field of view"]) == ("4k, 2k, 1080p, 720p", "82°")
+    speakers = real_row(real_kb, "speakers", "Creative Labs Pebble 2.0").to_dict()["readable_specs"]
+    assert speakers == {"configuration": "2.0", "wattage": "4.4 W", "frequency response": "100–17,000 Hz",
+                        "color": "Black"}  # fmt: skip
+    drive = real_row(real_kb, "internal-hard-drive", "Western Digital Blue").to_dict()["readable_specs"]
+    assert drive["capacity"].endswith(" GB") and drive["cache"].endswith(" MB")
+
+
+def test_explanations_of_real_products_use_english_possessives_and_units(real_kb: BuiltKb) -> None:
+    headphones = real_row(real_kb, "headphones", "HP HyperX Cloud II")
+    assert headphones.quality == 1.0  # no value specs: explained by its price against the category's median
+    why = rank_products([headphones], Preferences.from_inputs(require=["microphone=true"]), 1)
+    assert why[0].explanation.startswith("70.98 USD; microphone; costs ")
+    assert why[0].explanation.endswith("of typical headphones' price") and "headphones's" not in why[0].explanation
+    monitor = real_row(real_kb, "monitor", "KOORUI 24E3")
+    explained = rank_products([monitor], Preferences.from_inputs(require=["screen_size>=24"]), 1)[0].explanation
+    assert '; screen size 24"; ' in explained and "the value for money of a typical monitor" in explained
+    speakers = real_row(real_kb, "speakers", "Creative Labs Pebble 2.0")
+    assert rank_products([speakers], Preferences(), 1)[0].explanation.endswith(
+        "the value for money of typical speakers"
+    )
+
+
+def test_labels_and_messages_use_articles_and_plurals_a_person_would() -> None:
+    mapping = {"hdd": "internal-hard-drive", "speakers": "speakers", "ram": "memory", "cables": None}
+    uncertain = recommend(
+        [ClassScore("hdd", 0.4), ClassScore("speakers", 0.3), ClassScore("ram", 0.2)], {}, Preferences(), mapping, 0.6
+    )
+    assert [c.label for c in uncertain.choices] == [
+        "possibly an HDD (40%)",
+        "possibly speakers (30%)",
+        "possibly a RAM module (20%)",
+    ]
+    assert uncertain.messages[0].startswith("Not sure what this is: the best guess, HDD, has only 40% confidence")
+    assert uncertain.messages[-1] == (
+        "No internal hard drive or speakers or memory kit product matches your preferences; "
+        "try a wider budget or fewer requirements."
+    )
+    sure = recommend([ClassScore("speakers", 0.9)], {}, Preferences(), mapping, 0.6)
+    assert sure.choices[0].label == "speakers (90%)"
+    cables = recommend([ClassScore("cables", 0.93)], {}, Preferences(), mapping, 0.6)
+    assert cables.messages == [
+        "This looks like cables (93%), but the knowledge base has no cables catalog, so there is nothing to "
+        "recommend for it."
+    ]

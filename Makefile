@@ -9,11 +9,14 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 # dvc.yaml stages run `python -m components.<stage>`: that python must be the venv's.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
-IMAGE_REPOSITORY ?= productlens-components
+# The component image, registry-qualified (a cluster pulls it from there): the default component_image of
+# `make compile` (= pipelines.training_pipeline.DEFAULT_IMAGE_REPOSITORY) and the tag of `make image`.
+IMAGE_REPOSITORY ?= ghcr.io/productlens/productlens-components
 IMAGE_TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 BASE_IMAGE ?=
 KFP_HOST ?=
 RUN_ARGS ?=
+ARGS ?=
 
 .DEFAULT_GOAL := help
 

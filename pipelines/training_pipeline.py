@@ -1,47 +1,88 @@
 """The ProductLens training pipeline as a KFP v2 pipeline: the same steps as `dvc.yaml`, on a cluster.
 
     python -m pipelines.training_pipeline                 # writes pipelines/training_pipeline.yaml (committed)
-    python -m pipelines.training_pipeline --image-repository registry.example.com/productlens-components
+    python -m pipelines.training_pipeline --image-repository registry.example.com/team/productlens-components
 
 Each step is a thin lightweight component that imports `pipelines.steps` inside its body and
 runs the same `components.<step>` CLI as `dvc.yaml`; data moves between steps as KFP artefacts.
 All steps run in the image built from `components/Dockerfile`. KFP fixes a component's
 `base_image` at compile time: the compiled YAML names `<repository>:<version in pyproject.toml>`
-(`--image-repository` / `PRODUCTLENS_IMAGE_REPOSITORY`, `--image-tag`), and that reference is the
+(`--image-repository` / `PRODUCTLENS_IMAGE_REPOSITORY`, default DEFAULT_IMAGE_REPOSITORY, always
+with its registry host so a cluster pulls it from there; `--image-tag`), and that reference is the
 default of the `component_image` run parameter, which replaces the image of every step at run
 time (`set_container_image`). It is the whole reference, `repository:tag`, not the tag alone:
 the KFP driver resolves an image only when it is exactly one parameter, never a string built
 around one.
+
+The steps that read or write files outside their artefacts mount PersistentVolumeClaims
+(kfp-kubernetes; VOLUMES says which step mounts which): train the ImageNet weights at /shared,
+fetch-data the dataset folder at /data/productlens, gate (the champion) and publish (the new
+version) the model base at /models. The claim names are run parameters; pipelines/k8s/pvcs.yaml
+creates claims with the default names.
 """
 
 import argparse
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
-from kfp import compiler, dsl
+from kfp import compiler, dsl, kubernetes
 from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Metrics, Model, Output
 
 PIPELINE_NAME = "productlens-training"
 PIPELINE_YAML = Path(__file__).with_name("training_pipeline.yaml")
-DEFAULT_IMAGE_REPOSITORY = "productlens-components"
+# Registry-qualified: an image name without a registry host is looked up on Docker Hub, where it is not.
+DEFAULT_IMAGE_REPOSITORY = "ghcr.io/productlens/productlens-components"
 DEFAULT_IMAGE_TAG = "0.1.0"  # == [project].version in pyproject.toml; tests/pipelines checks they agree
 # Where a run reads dataset v1 when no data_location is given: a volume with images/ and catalog/.
 DEFAULT_DATA_LOCATION = "/data/productlens"
 DEFAULT_MODEL_BASE = "/models"  # TF Serving's model base path (a volume shared with the model server)
 
-# Requests/limits per step (CPU, memory). Training is the only heavy step; it is sized for the
-# 2-core budget the defaults were tuned on.
-RESOURCES: dict[str, tuple[str, str, str, str]] = {
-    "fetch-data": ("500m", "1", "1Gi", "2Gi"),
-    "validate": ("1", "2", "2Gi", "4Gi"),
-    "preprocess": ("250m", "1", "512Mi", "1Gi"),
-    "train": ("2", "4", "6Gi", "12Gi"),
-    "evaluate": ("1", "2", "3Gi", "6Gi"),
-    "gate": ("250m", "1", "512Mi", "1Gi"),
-    "export": ("1", "2", "3Gi", "6Gi"),
-    "infra-validate": ("1", "2", "3Gi", "6Gi"),  # the Keras model and a model-server process with the candidate
-    "publish": ("250m", "1", "512Mi", "1Gi"),
+
+@dataclass(frozen=True)
+class StepResources:
+    """A step's Kubernetes CPU and memory requests and limits."""
+
+    cpu_request: str
+    cpu_limit: str
+    memory_request: str
+    memory_limit: str
+
+
+# Training is the only heavy step; it is sized for the 2-core budget the defaults were tuned on.
+RESOURCES: dict[str, StepResources] = {
+    "fetch-data": StepResources(cpu_request="500m", cpu_limit="1", memory_request="1Gi", memory_limit="2Gi"),
+    "validate": StepResources(cpu_request="1", cpu_limit="2", memory_request="2Gi", memory_limit="4Gi"),
+    "preprocess": StepResources(cpu_request="250m", cpu_limit="1", memory_request="512Mi", memory_limit="1Gi"),
+    "train": StepResources(cpu_request="2", cpu_limit="4", memory_request="6Gi", memory_limit="12Gi"),
+    "evaluate": StepResources(cpu_request="1", cpu_limit="2", memory_request="3Gi", memory_limit="6Gi"),
+    "gate": StepResources(cpu_request="250m", cpu_limit="1", memory_request="512Mi", memory_limit="1Gi"),
+    "export": StepResources(cpu_request="1", cpu_limit="2", memory_request="3Gi", memory_limit="6Gi"),
+    # infra-validate holds the Keras model and a model-server process with the candidate.
+    "infra-validate": StepResources(cpu_request="1", cpu_limit="2", memory_request="3Gi", memory_limit="6Gi"),
+    "publish": StepResources(cpu_request="250m", cpu_limit="1", memory_request="512Mi", memory_limit="1Gi"),
 }
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A PersistentVolumeClaim the steps in `steps` mount at `mount_path`; `parameter` is the run parameter
+    naming the claim (default `default_claim`, as pipelines/k8s/pvcs.yaml creates it)."""
+
+    parameter: str
+    default_claim: str
+    mount_path: str
+    steps: tuple[str, ...]
+
+
+# Only train reads the weights (params' `../shared/weights/...`, resolved from the image's /app); evaluate and
+# export load the trained model.keras, which holds its own weights.
+WEIGHTS_VOLUME = Volume("weights_pvc", "productlens-weights", "/shared", ("train",))
+DATA_VOLUME = Volume("data_pvc", "productlens-data", DEFAULT_DATA_LOCATION, ("fetch-data",))
+# The claim TF Serving reads (serving/k8s/pvc.yaml): gate reads the champion there, publish writes the new version.
+MODELS_VOLUME = Volume("models_pvc", "productlens-models", DEFAULT_MODEL_BASE, ("gate", "publish"))
+VOLUMES = (WEIGHTS_VOLUME, DATA_VOLUME, MODELS_VOLUME)
+
 DATA_STEP_RETRIES = 3  # fetching data crosses the network (Git, DVC remote): retry with backoff
 
 
@@ -202,13 +243,20 @@ def image_reference(repository: str, tag: str) -> str:
     return f"{repository}:{tag}"
 
 
+def names_a_registry(repository: str) -> bool:
+    """Whether an image repository starts with a registry host (`ghcr.io/...`, `localhost:5000/...`), the way
+    Docker tells a host from a Docker Hub namespace: a first component with a dot or a port, or `localhost`."""
+    host, slash, _ = repository.partition("/")
+    return bool(slash) and ("." in host or ":" in host or host == "localhost")
+
+
 def with_resources(task: dsl.PipelineTask, step: str) -> dsl.PipelineTask:
-    cpu_request, cpu_limit, memory_request, memory_limit = RESOURCES[step]
+    resources = RESOURCES[step]
     return (
-        task.set_cpu_request(cpu_request)
-        .set_cpu_limit(cpu_limit)
-        .set_memory_request(memory_request)
-        .set_memory_limit(memory_limit)
+        task.set_cpu_request(resources.cpu_request)
+        .set_cpu_limit(resources.cpu_limit)
+        .set_memory_request(resources.memory_request)
+        .set_memory_limit(resources.memory_limit)
     )
 
 
@@ -228,15 +276,24 @@ def create_pipeline(image_repository: str = DEFAULT_IMAGE_REPOSITORY, image_tag:
         params_overrides: dict = {},  # noqa: B006 (a KFP parameter default, never mutated)
         component_image: str = image,
         model_base: str = DEFAULT_MODEL_BASE,
+        weights_pvc: str = WEIGHTS_VOLUME.default_claim,
+        data_pvc: str = DATA_VOLUME.default_claim,
+        models_pvc: str = MODELS_VOLUME.default_claim,
     ):
-        """data_location: folder with images/ + catalog/, or a DVC repository (Git URL/path) read at
-        data_revision. params_overrides: dotted params.yaml keys, e.g. {"train.epochs": 4}.
-        component_image: the component image (repository:tag) every step runs in. model_base: the serving
-        base path publish writes versions to."""
+        """data_location: folder with images/ + catalog/ (the data claim is mounted at the default), or a DVC
+        repository (Git URL/path) read at data_revision. params_overrides: dotted params.yaml keys, e.g.
+        {"train.epochs": 4}. component_image: the component image (registry/repository:tag) every step runs in.
+        model_base: the serving base path gate reads the champion from and publish writes versions to (the
+        models claim is mounted at the default). weights_pvc, data_pvc, models_pvc: the claims mounted at
+        /shared (train), /data/productlens (fetch-data) and /models (gate, publish)."""
+        claims = {"weights_pvc": weights_pvc, "data_pvc": data_pvc, "models_pvc": models_pvc}
 
         def step(name: str, **inputs) -> dsl.PipelineTask:
             task = ops[name.replace("-", "_")](**inputs).set_display_name(name)
             task.set_container_image(component_image)
+            for volume in VOLUMES:
+                if name in volume.steps:
+                    kubernetes.mount_pvc(task, pvc_name=claims[volume.parameter], mount_path=volume.mount_path)
             return with_resources(task, name)
 
         fetched = step(
@@ -297,10 +354,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--image-repository",
         default=os.environ.get("PRODUCTLENS_IMAGE_REPOSITORY", DEFAULT_IMAGE_REPOSITORY),
-        help="repository of the component image (components/Dockerfile)",
+        help=f"registry and repository of the component image (components/Dockerfile); default "
+        f"{DEFAULT_IMAGE_REPOSITORY}",
     )
     parser.add_argument("--image-tag", default=DEFAULT_IMAGE_TAG, help="tag of the default component_image")
     args = parser.parse_args(argv)
+    if not names_a_registry(args.image_repository):
+        parser.error(
+            f"--image-repository {args.image_repository!r} names no registry: a cluster would look for it on "
+            "Docker Hub; give the registry host, e.g. ghcr.io/<org>/productlens-components "
+            "(docker.io/<org>/... for Docker Hub)"
+        )
     path = compile_pipeline(args.output, args.image_repository, args.image_tag)
     print(f"compiled {PIPELINE_NAME} -> {path}")
     return 0

@@ -49,6 +49,15 @@ repro: pull ## Set up, pull the data, run the whole pipeline (dvc repro), then p
 	$(BIN)/dvc repro
 	@$(MAKE) --no-print-directory publish
 
+# Through make, the stages' bare `python` is the venv's whatever the calling shell's PATH (see `which-python`).
+.PHONY: exp
+exp: pull ## Run a DVC experiment with the venv's python: make exp ARGS='-S train.epochs=2 -n two-epochs'
+	$(BIN)/dvc exp run $(ARGS)
+
+.PHONY: which-python
+which-python: ## Print the python that dvc.yaml's `python -m ...` commands run under make (the venv's)
+	@python -c 'import sys; print(sys.executable)'
+
 # Outside DVC on purpose: `dvc repro` and `dvc exp run` never change what is served.
 .PHONY: publish
 publish: setup ## Publish the validated candidate as models/productlens/<N+1> (nothing when N already serves it)

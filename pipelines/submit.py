@@ -1,7 +1,11 @@
 """Submit the compiled training pipeline to a Kubeflow Pipelines endpoint.
 
     make submit KFP_HOST=https://kfp.example.com/pipeline \\
-        RUN_ARGS='params_overrides={"train.epochs":4} component_image=productlens-components:0.1.1'
+        RUN_ARGS='params_overrides={"train.epochs":4} component_image=ghcr.io/productlens/productlens-components:0.1.1'
+
+Run parameters: data_location, data_revision, params_overrides, component_image (registry/repository:tag; default
+the image the YAML was compiled with), model_base, and the claims mounted in the steps, weights_pvc, data_pvc and
+models_pvc (default: the names pipelines/k8s/pvcs.yaml creates).
 
 Uses `kfp.Client().create_run_from_pipeline_package` on pipelines/training_pipeline.yaml (the
 committed, compiled pipeline: `make compile` first if you changed the pipeline).

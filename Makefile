@@ -64,6 +64,13 @@ publish: setup ## Publish the validated candidate as models/productlens/<N+1> (n
 	$(BIN)/python -m components.publish --candidate artifacts/export/candidate --gate artifacts/gate/gate.json \
 		--blessing artifacts/infra_validate/blessing.json --data-dvc data.dvc --output models
 
+# DVC's own page loads Vega from a CDN (blank offline): this template loads the pinned copies beside the page.
+PLOTS_TEMPLATE := common/report_assets/dvc_plots.html
+.PHONY: plots
+plots: setup ## DVC plots (learning curves, confusion matrix, ...) -> dvc_plots/index.html, offline (Vega vendored)
+	$(BIN)/dvc plots show --html-template $(PLOTS_TEMPLATE) --out dvc_plots
+	rm -rf dvc_plots/vendor && mkdir -p dvc_plots/vendor && cp -R common/report_assets/vega* dvc_plots/vendor/
+
 .PHONY: test
 test: pull ## Set up, pull dataset v1 and run the whole test suite
 	$(BIN)/python -m pytest tests

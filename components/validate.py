@@ -9,10 +9,13 @@ The catalog expectations (common.catalog) are the knowledge-base builder's too.
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import hashlib
 import logging
+import os
 import re
+import shutil
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -23,6 +26,7 @@ import great_expectations as gx
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
+import common
 from common.catalog import catalog_checks, with_catalog_columns
 from common.expectations import MAX_EXAMPLES, Check, ValidationReport, run_checks
 from common.io import atomic_directory, atomic_write_json, atomic_write_text
@@ -301,6 +305,146 @@ def review_checks(params: ValidateParams) -> list[Check]:
     ]
 
 
+# --------------------------------------------------------------------------- Data Docs that render offline
+
+# GX 1.x writes Data Docs pages that load their scripts and stylesheets from CDNs: offline, the index is an empty
+# table (bootstrap-table builds it) and the status icons are blank. These are the same files, pinned, with their
+# licences, in common/report_assets (README.md there); make_data_docs_offline copies them into the site.
+REPORT_ASSETS = Path(common.__file__).resolve().parent / "report_assets"
+VENDOR_DIR = "static/vendor"  # the copies' folder inside a Data Docs site
+DATA_DOCS_CDN_FILES: dict[str, str] = {
+    "https://cdn.jsdelivr.net/npm/vega@5": "vega@5.33.1/vega.min.js",
+    "https://cdn.jsdelivr.net/npm/vega-lite@5": "vega-lite@5.23.0/vega-lite.min.js",
+    "https://cdn.jsdelivr.net/npm/vega-embed@6": "vega-embed@6.29.0/vega-embed.min.js",
+    "https://code.jquery.com/jquery-3.7.1.min.js": "jquery@3.7.1/jquery.min.js",
+    "https://cdnjs.cloudflare.com/ajax/libs/popper.js/1.12.9/umd/popper.min.js": "popper.js@1.12.9/popper.min.js",
+    "https://stackpath.bootstrapcdn.com/bootstrap/4.3.1/js/bootstrap.min.js": "bootstrap@4.3.1/bootstrap.min.js",
+    "https://maxcdn.bootstrapcdn.com/bootstrap/4.3.1/css/bootstrap.min.css": "bootstrap@4.3.1/bootstrap.min.css",
+    "https://unpkg.com/bootstrap-table@1.19.1/dist/bootstrap-table.min.js":
+        "bootstrap-table@1.19.1/bootstrap-table.min.js",
+    "https://unpkg.com/bootstrap-table@1.19.1/dist/bootstrap-table.min.css":
+        "bootstrap-table@1.19.1/bootstrap-table.min.css",
+    "https://unpkg.com/bootstrap-table@1.19.1/dist/extensions/filter-control/bootstrap-table-filter-control.min.js":
+        "bootstrap-table@1.19.1/bootstrap-table-filter-control.min.js",
+    # GX names 1.19.0's filter-control stylesheet (minified on the index, not on the other pages): 1.19.1's serves both.
+    "https://unpkg.com/bootstrap-table@1.19.0/dist/extensions/filter-control/bootstrap-table-filter-control.min.css":
+        "bootstrap-table@1.19.1/bootstrap-table-filter-control.min.css",
+    "https://unpkg.com/bootstrap-table@1.19.0/dist/extensions/filter-control/bootstrap-table-filter-control.css":
+        "bootstrap-table@1.19.1/bootstrap-table-filter-control.min.css",
+    "https://cdnjs.cloudflare.com/ajax/libs/bootstrap-datepicker/1.9.0/js/bootstrap-datepicker.min.js":
+        "bootstrap-datepicker@1.9.0/bootstrap-datepicker.min.js",
+    "https://cdnjs.cloudflare.com/ajax/libs/bootstrap-datepicker/1.9.0/css/bootstrap-datepicker.min.css":
+        "bootstrap-datepicker@1.9.0/bootstrap-datepicker.min.css",
+    "https://cdnjs.cloudflare.com/ajax/libs/font-awesome/6.6.0/css/all.min.css":
+        "fontawesome-free@6.6.0/css/all.min.css",
+    "https://cdn.jsdelivr.net/npm/@forevolve/bootstrap-dark@1.1.0/dist/css/bootstrap-prefers-dark.css":
+        "bootstrap-dark@1.1.0/bootstrap-prefers-dark.min.css",
+}  # fmt: skip
+# GX's logos come from its S3 bucket; the site has its own copy in static/images (no dark variant: the light one).
+GX_LOGOS = re.compile(r"https://great-expectations-web-assets\.s3\.us-east-2\.amazonaws\.com/"
+                      r"(logo-long\.png|full_logo_dark\.png)(\?[^\"')\s]*)?")  # fmt: skip
+ASSET_TAG = re.compile(r"<(?:script|link)\b[^>]*>")
+SITE_TAG = re.compile(r"<(?:script|link|img)\b[^>]*>")  # what may name one of the site's static files
+ASSET_URL = re.compile(r'\b(src|href)="([^"]+)"')
+# What a browser would fetch from the web on its own: scripts, stylesheets, images, frames and CSS url()s.
+WEB_LOAD = re.compile(
+    r"""<(?:script|link|img|iframe|source|embed)\b[^>]*?\b(?:src|href)\s*=\s*["']?((?:https?:)?//[^"'\s>]+)"""
+    r"""|url\(\s*["']?((?:https?:)?//[^"')\s]+)""",
+    re.IGNORECASE,
+)
+MEDIA_TYPES = {
+    ".js": "text/javascript", ".css": "text/css", ".woff2": "font/woff2", ".png": "image/png", ".ico": "image/x-icon",
+}  # fmt: skip
+
+
+def page_url(target: Path, page: Path) -> str:
+    """The relative URL of `target` from the HTML file `page` (both in one site)."""
+    return Path(os.path.relpath(target, page.parent)).as_posix()
+
+
+def offline_page(page_html: str, page: Path, docs_dir: Path) -> str:
+    """`page_html` with each CDN script and stylesheet pointing at its copy under VENDOR_DIR and GX's logo at
+    static/images. Their integrity attributes go: a file:// page cannot make the CORS fetch SRI needs, and the
+    copies are the files those hashes name (tests/reports checks it)."""
+
+    def local(tag_match: re.Match[str]) -> str:
+        tag = tag_match.group(0)
+        url = ASSET_URL.search(tag)
+        if url is None or url.group(2) not in DATA_DOCS_CDN_FILES:
+            return tag
+        copy = page_url(docs_dir / VENDOR_DIR / DATA_DOCS_CDN_FILES[url.group(2)], page)
+        tag = tag.replace(url.group(0), f'{url.group(1)}="{copy}"')
+        return re.sub(r'\s(?:integrity|crossorigin)="[^"]*"', "", tag)
+
+    page_html = ASSET_TAG.sub(local, page_html)
+    page_html = GX_LOGOS.sub(lambda m: page_url(docs_dir / "static" / "images" / "logo-long.png", page), page_html)
+    # GX links the validation pages' favicon one folder too shallow.
+    favicon = page_url(docs_dir / "static" / "images" / "favicon.ico", page)
+    return re.sub(r'href="(?:\.\.?/)*static/images/favicon\.ico"', f'href="{favicon}"', page_html)
+
+
+def make_data_docs_offline(docs_dir: Path) -> None:
+    """Make the Data Docs site under `docs_dir` render from disk with no network: the pinned scripts,
+    stylesheets and fonts are copied into VENDOR_DIR and every page points at them.
+
+    Raises ValueError naming the page and the URL when a page would still fetch something from the web
+    (a GX upgrade added an asset: vendor it in common/report_assets and map it in DATA_DOCS_CDN_FILES).
+    """
+    for package in sorted({name.split("/")[0] for name in DATA_DOCS_CDN_FILES.values()}):
+        shutil.copytree(REPORT_ASSETS / package, docs_dir / VENDOR_DIR / package, dirs_exist_ok=True)
+    for page in sorted(docs_dir.rglob("*.html")):
+        page_html = offline_page(page.read_text(encoding="utf-8"), page, docs_dir)
+        left = [a or b for a, b in WEB_LOAD.findall(page_html)]
+        if left:
+            raise ValueError(
+                f"Data Docs page {page.relative_to(docs_dir)} still loads {left[0]} from the web: "
+                "vendor it in common/report_assets and map it in components.validate.DATA_DOCS_CDN_FILES"
+            )
+        page.write_text(page_html, encoding="utf-8")
+
+
+def asset_slots(page: Path, docs_dir: Path) -> tuple[str, set[str]]:
+    """The text of an offline Data Docs page with each reference to the site's static files (scripts, stylesheets,
+    images) turned into a slot, `data-asset-src="static/vendor/jquery@3.7.1/jquery.min.js"` (or data-asset-href),
+    and the files it names: for a one-file report that carries each file once and fills the slots in the browser
+    (pipelines.steps.data_docs_page)."""
+    static = (docs_dir / "static").resolve()
+    names: set[str] = set()
+
+    def slot(tag_match: re.Match[str]) -> str:
+        tag = tag_match.group(0)
+        url = ASSET_URL.search(tag)
+        target = (page.parent / url.group(2)).resolve() if url and "://" not in url.group(2) else None
+        if target is None or not target.is_relative_to(static) or not target.is_file():
+            return tag
+        name = target.relative_to(docs_dir.resolve()).as_posix()
+        names.add(name)
+        return tag.replace(url.group(0), f'data-asset-{url.group(1)}="{name}"')
+
+    return SITE_TAG.sub(slot, page.read_text(encoding="utf-8")), names
+
+
+def site_asset(docs_dir: Path, name: str) -> dict[str, str]:
+    """A static file of the site (`name` relative to `docs_dir`) to carry inside one page: `type` (media type)
+    and `text` for scripts and stylesheets, `base64` for images. The files a stylesheet's url()s name (Font
+    Awesome's fonts) become data: URLs, since a carried stylesheet has no folder to resolve them in."""
+    path = docs_dir / name
+    if path.suffix not in (".js", ".css"):
+        return {"type": MEDIA_TYPES[path.suffix], "base64": base64.b64encode(path.read_bytes()).decode("ascii")}
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".css":
+
+        def data_url(url_match: re.Match[str]) -> str:
+            target = path.parent / url_match.group(1)
+            if "://" in url_match.group(1) or not target.is_file():
+                return url_match.group(0)  # a fallback format not vendored (.ttf): browsers take the woff2 first
+            encoded = base64.b64encode(target.read_bytes()).decode("ascii")
+            return f"url(data:{MEDIA_TYPES[target.suffix]};base64,{encoded})"
+
+        text = re.sub(r"url\(\s*[\"']?([^\"')]+)[\"']?\s*\)", data_url, text)
+    return {"type": MEDIA_TYPES[path.suffix], "text": text}
+
+
 # --------------------------------------------------------------------------- step
 
 
@@ -339,6 +483,8 @@ def validate_dataset(
         checks += catalog_checks(table, frame, params.catalog_required_columns)
 
     report, _ = run_checks(tables, checks, docs_dir)
+    if docs_dir is not None:
+        make_data_docs_offline(docs_dir)
     usable = manifest[manifest["decodes"] & manifest["in_class_folder"]]
     within_class_duplicates = usable[usable.duplicated(["class_name", "sha256"], keep="first")]
     metrics = {

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import html
+import json
 import logging
 import shutil
 import subprocess
@@ -166,29 +167,56 @@ def log_metrics_file(artifact: Any, metrics_path: Path) -> dict[str, Any]:
     return metrics
 
 
+# Fills each Data Docs frame's slots (components.validate.asset_slots) with blob: URLs of the site's static files,
+# which the page carries once, in JSON: no network, and one copy of each script and stylesheet, not one per frame.
+FILL_ASSET_SLOTS = """
+const assets = JSON.parse(document.getElementById("data-docs-assets").textContent);
+const urls = {};
+for (const [name, asset] of Object.entries(assets)) {
+  const body = "base64" in asset ? Uint8Array.from(atob(asset.base64), c => c.charCodeAt(0)) : asset.text;
+  urls[name] = URL.createObjectURL(new Blob([body], {type: asset.type}));
+}
+for (const frame of document.querySelectorAll("iframe[data-docs-page]")) {
+  frame.srcdoc = frame.srcdoc.replace(/data-asset-(src|href)="([^"]+)"/g, (_, attribute, name) =>
+    `${attribute}="${urls[name]}"`);
+}
+"""
+
+
 def data_docs_page(data_docs: Path, metrics: Mapping[str, Any]) -> str:
     """One self-contained HTML page for KFP's `HTML` artefact: the outcome of each expectation, then
-    every Great Expectations validation page of the Data Docs site inlined (KFP shows one file, not a site)."""
+    every Great Expectations validation page of the Data Docs site inlined (KFP shows one file, not a site).
+
+    The pages' scripts, stylesheets and images (the site's static files, vendored) are carried once and filled
+    in by a script, so the page needs no network; without scripts the tables still show, unstyled."""
+    from components.validate import asset_slots, site_asset
+
     rows = "\n".join(
         f"<tr><td>{html.escape(e['table'])}</td><td>{html.escape(e['fails_when'])}</td>"
         f"<td>{'passed' if e['success'] else 'FAILED'}</td><td>{e['unexpected_count']}</td></tr>"
         for e in metrics.get("expectations", [])
     )
-    pages = []
+    pages, names = [], set()
     for page in sorted((data_docs / "validations").rglob("*.html")):
         suite = page.relative_to(data_docs / "validations").parts[0]
+        page_html, page_names = asset_slots(page, data_docs)
+        names |= page_names
         pages.append(
-            f"<details><summary>{html.escape(suite)}</summary>"
-            f'<iframe style="width:100%;height:600px;border:0" srcdoc="{html.escape(page.read_text("utf-8"))}">'
-            "</iframe></details>"
+            f"<details><summary>{html.escape(suite)}</summary><iframe data-docs-page "
+            f'style="width:100%;height:600px;border:0" srcdoc="{html.escape(page_html)}"></iframe></details>'
         )
+    assets = {name: site_asset(data_docs, name) for name in sorted(names)}
+    # "<" escaped: no "</script>" or "<!--" inside the JSON can end its script element early.
+    assets_json = json.dumps(assets).replace("<", "\\u003c")
     status = "passed" if metrics.get("success") else "FAILED"
     return (
         "<!doctype html><html><head><meta charset='utf-8'><title>ProductLens data validation</title></head><body>"
         f"<h1>Data validation {status}</h1>"
         f"<p>{metrics.get('n_images', 0)} images in {metrics.get('n_classes', 0)} classes.</p>"
         "<table border='1' cellpadding='4'><tr><th>table</th><th>fails when</th><th>result</th><th>offending</th></tr>"
-        f"{rows}</table><h2>Great Expectations Data Docs</h2>{''.join(pages)}</body></html>"
+        f"{rows}</table><h2>Great Expectations Data Docs</h2>{''.join(pages)}"
+        f'<script type="application/json" id="data-docs-assets">{assets_json}</script>'
+        f"<script>{FILL_ASSET_SLOTS}</script></body></html>"
     )
 
 

@@ -43,11 +43,17 @@ def _price(value: float | None) -> str:
     return "-" if value is None else f"{value:,.2f}"
 
 
-def product_table(products: Sequence[ProductRow]) -> str:
-    return table(
-        ["id", "category", "name", "brand", "price USD"],
-        [[p.id, p.category, p.name, p.brand, _price(p.price)] for p in products],
-    )
+def product_table(products: Sequence[ProductRow], matched: Sequence[Sequence[str]] | None = None) -> str:
+    """Products as a table; with `matched`, a last column says which fields each search result matched on."""
+    headers = ["id", "category", "name", "brand", "price USD"]
+    rows = [[p.id, p.category, p.name, p.brand, _price(p.price)] for p in products]
+    if matched is not None:
+        headers.append("matched")
+        rows = [
+            [*row, ", ".join(f if f in ("name", "category") else f"{f} {p.specs[f]}" for f in fields)]
+            for row, p, fields in zip(rows, products, matched, strict=True)
+        ]
+    return table(headers, rows)
 
 
 def cmd_recommend(args: argparse.Namespace, settings: Settings) -> int:
@@ -113,15 +119,22 @@ def cmd_kb_search(args: argparse.Namespace, settings: Settings) -> int:
     engine = kb.make_engine(settings.db_url)
     try:
         with engine.connect() as conn:
+            if args.category is not None:
+                kb.check_category(conn, args.category)
             rows = kb.search_products(conn, args.query, args.category, args.max_price, args.limit)
+    except kb.UnknownCategory as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     finally:
         engine.dispose()
+    matched = [kb.matched_fields(r, args.query) for r in rows]
     if args.json:
-        print(json.dumps([r.to_dict() for r in rows], indent=2))
+        print(json.dumps([{**r.to_dict(), "matched": m} for r, m in zip(rows, matched, strict=True)], indent=2))
     elif rows:
-        print(product_table(rows))
+        print(product_table(rows, matched))
     else:
-        print(f"no product matches '{args.query}'")
+        where = f" in {args.category}" if args.category else ""
+        print(f"no product{where} matches '{args.query}'")
     return 0
 
 
@@ -196,9 +209,11 @@ def add_commands(root: argparse.ArgumentParser, commands: argparse._SubParsersAc
 
     kb_parser = commands.add_parser("kb", help="query the knowledge base")
     kb_commands = kb_parser.add_subparsers(dest="kb_command", required=True)
-    search = kb_commands.add_parser("search", help="full-text search on product names")
+    search = kb_commands.add_parser(
+        "search", help="full-text search on product names and key specs; says which field each result matched"
+    )
     search.add_argument("query")
-    search.add_argument("--category")
+    search.add_argument("--category", help="catalog category, e.g. video-card (`kb info` lists them)")
     search.add_argument("--max-price", type=float)
     search.add_argument("--limit", type=int, default=20)
     search.add_argument("--json", action="store_true")

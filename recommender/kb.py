@@ -278,5 +278,36 @@ def search_products(
         raise
 
 
+def matched_fields(row: ProductRow, query: str) -> list[str]:
+    """Which fields a search matched on, for each word the first that has it: "name", "category" or a spec
+    ("chipset", "socket", ...): what the full-text index holds (name and keywords)."""
+    fields = {"name": row.name, "category": row.category.replace("-", " ")} | {
+        key: str(value) for key, value in row.specs.items() if not isinstance(value, bool)
+    }
+    words = {field: search_terms(text) for field, text in fields.items()}
+
+    def first_field_with(term: str) -> str | None:
+        return next((field for field, tokens in words.items() if any(t.startswith(term) for t in tokens)), None)
+
+    matched = {first_field_with(term) for term in search_terms(query)}
+    return [field for field in fields if field in matched]
+
+
+class UnknownCategory(ValueError):
+    """A category the knowledge base does not have; the message lists those it has."""
+
+
+def check_category(conn: Connection, category: str) -> None:
+    """Raise UnknownCategory naming the valid categories (and the category of a model class given instead)."""
+    known = sorted(category_facts(conn))
+    if category in known:
+        return
+    hint = ""
+    mapped = class_categories(conn).get(category)
+    if mapped is not None:
+        hint = f" (the model's class {category} is the category {mapped})"
+    raise UnknownCategory(f"Unknown category '{category}'{hint}; the categories are: {', '.join(known)}.")
+
+
 def count_products(conn: Connection) -> int:
     return int(conn.execute(select(func.count()).select_from(Product)).scalar_one())

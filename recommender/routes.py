@@ -6,10 +6,11 @@ FastAPI dependencies, read from `app.state`, where the app's lifespan puts them 
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
@@ -17,11 +18,145 @@ from starlette.exceptions import HTTPException
 
 from recommender import kb
 from recommender.client import ModelServerError, PredictionClient
-from recommender.ranking import SORTS, PreferenceError, Preferences
+from recommender.ranking import SORTS, PreferenceError, Preferences, Sort
 from recommender.service import Recommender, Timings, check_image, facts_dict
 from recommender.settings import Settings
 
 HEALTH_TIMEOUT_S = 2.0  # /healthz asks the model server with at most this deadline: a probe must answer fast
+
+
+# ----------------------------------------------------------------- what the API answers (its OpenAPI schemas)
+# The routes build their answers as plain JSON (recommender/service.py, ranking.py) and these models document
+# them; extra="forbid" makes the spec say exactly which fields come back, and tests/recommender/test_openapi.py
+# checks real answers against the spec.
+
+
+class Answer(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class Problem(Answer):
+    """Every error answer: one message a person can act on (no stack trace, no list of validation errors)."""
+
+    detail: str = Field(examples=["This file is not an image: upload a JPEG or PNG photo."])
+
+
+class ClassProbability(Answer):
+    class_name: str = Field(alias="class", description="a class of the served model, e.g. mouse")
+    probability: float
+    category: str | None = Field(description="its catalog category; null: no catalog for this class")
+
+
+class ServedModel(Answer):
+    name: str
+    version: int
+
+
+class Prediction(Answer):
+    class_name: str = Field(alias="class", description="the most probable class")
+    confidence: float
+    top_k: list[ClassProbability]
+    model: ServedModel
+    not_sure_threshold: float = Field(description="the served version's threshold: under it, the answer is unsure")
+
+
+class Candidate(Answer):
+    class_name: str = Field(alias="class")
+    probability: float
+    category: str | None
+    label: str = Field(description='in words, e.g. "a keyboard (85%)", "possibly speakers (30%)"')
+
+
+class CategoryFacts(Answer):
+    category: str
+    products: int
+    priced: int = Field(description="products with a current price")
+    min_price: float | None
+    median_price: float | None
+    max_price: float | None
+    top_brands: list[str]
+    specs: list[str] = Field(description="the spec names products of this category have")
+
+
+class Product(Answer):
+    id: int
+    category: str
+    name: str
+    brand: str
+    price: float | None = Field(description="USD; null: no current offer")
+    specs: dict[str, Any] = Field(description="as the catalog has them (numbers, booleans, text)")
+    readable_specs: dict[str, str] = Field(description='label -> text, e.g. "frequency response": "20–20,000 Hz"')
+    quality: float = Field(description="value specs against the category's median (1 = typical)")
+    value_score: float | None = Field(description="quality per dollar against the median; null without a price")
+
+
+class RecommendedProduct(Product):
+    explanation: str = Field(description="why it is recommended, in one line")
+    label: str | None = Field(description="the candidate category it comes from, when the prediction is unsure")
+
+
+class AppliedPreferences(Answer):
+    budget_min: float | None
+    budget_max: float | None
+    brands: list[str]
+    exclude_brands: list[str]
+    require: list[str] = Field(description="the spec names required")
+    sort: Sort
+
+
+class Recommendations(Answer):
+    prediction: Prediction
+    category: str | None = Field(description="the category recommended from; null when unsure or without a catalog")
+    uncertain: bool
+    candidates: list[Candidate]
+    messages: list[str]
+    category_facts: list[CategoryFacts]
+    products: list[RecommendedProduct]
+    preferences: AppliedPreferences
+
+
+class ProductDetail(Product):
+    category_facts: CategoryFacts | None
+
+
+class FoundProduct(Product):
+    matched: list[str] | None = Field(
+        default=None, description='with q: the fields the words matched, "name", "category" or a spec name'
+    )
+
+
+class ProductList(Answer):
+    count: int
+    products: list[FoundProduct]
+
+
+class DatabaseHealth(Answer):
+    ok: bool
+    products: int | None = None
+    detail: str | None = None
+
+
+class ModelHealth(Answer):
+    ok: bool
+    model: str | None = None
+    version: int | None = None
+    target: str | None = None
+    detail: str | None = None
+
+
+class Health(Answer):
+    status: Literal["ok", "unavailable"]
+    database: DatabaseHealth
+    model: ModelHealth
+
+
+def problems(statuses: dict[int, str]) -> dict[int | str, dict[str, Any]]:
+    """`responses=` for error statuses answered as a Problem, each with when it happens."""
+    return {status: {"model": Problem, "description": when} for status, when in statuses.items()}
+
+
+INVALID_REQUEST = "a parameter is missing or has the wrong type (the message names it)"
+DATABASE_DOWN = "the knowledge base is unavailable"
 
 
 # ----------------------------------------------------------------- dependencies
@@ -60,7 +195,20 @@ async def index(request: Request) -> HTMLResponse:
     return HTMLResponse(request.app.state.page)
 
 
-@recommendation_routes.post("/v1/recommendations", summary="Recognise a product photo and recommend products")
+@recommendation_routes.post(
+    "/v1/recommendations",
+    summary="Recognise a product photo and recommend products",
+    response_model=Recommendations,
+    responses=problems(
+        {
+            413: "the upload is over the size limit, or the image has too many pixels (decompression-bomb protection)",
+            415: "the file is not an image, or not a JPEG, PNG, GIF or BMP",
+            422: "the upload is empty or damaged, a preference cannot be read, or a field is missing",
+            502: "the model server failed on this request",
+            503: "the model server or the knowledge base is unavailable, or serves a model this service cannot use",
+        }
+    ),
+)
 async def recommendations(
     request: Request,
     settings: SettingsDep,
@@ -118,7 +266,12 @@ def _preferences_json(preferences: Preferences) -> dict[str, Any]:
 product_routes = APIRouter(prefix="/v1/products", tags=["products"])
 
 
-@product_routes.get("/{product_id}", summary="One product of the knowledge base")
+@product_routes.get(
+    "/{product_id}",
+    summary="One product of the knowledge base",
+    response_model=ProductDetail,
+    responses=problems({404: "no product has this id", 422: INVALID_REQUEST, 503: DATABASE_DOWN}),
+)
 def product(product_id: int, engine: EngineDep) -> dict[str, Any]:
     with engine.connect() as conn:
         row = kb.get_product(conn, product_id)
@@ -128,27 +281,33 @@ def product(product_id: int, engine: EngineDep) -> dict[str, Any]:
     return {**row.to_dict(), "category_facts": facts_dict(facts[row.category]) if facts else None}
 
 
-@product_routes.get("", summary="Search the knowledge base (full text on names, category, price ceiling)")
+@product_routes.get(
+    "",
+    summary="Search the knowledge base (full text on names and key specs, category, price ceiling)",
+    response_model=ProductList,
+    responses=problems(
+        {404: "the category is unknown (the message lists the categories)", 422: INVALID_REQUEST, 503: DATABASE_DOWN}
+    ),
+)
 def products(
     engine: EngineDep,
     category: Annotated[str | None, Query(description="catalog category, e.g. mouse, video-card")] = None,
-    q: Annotated[str | None, Query(description="words of the product name, e.g. rtx 4070")] = None,
+    q: Annotated[str | None, Query(description="words of the name or key specs, e.g. rtx 4070, am5")] = None,
     max_price: Annotated[float | None, Query(ge=0, description="highest price in USD")] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> dict[str, Any]:
     with engine.connect() as conn:
         if category is not None:
-            known = kb.category_facts(conn)
-            if category not in known:
-                raise HTTPException(
-                    404, f"Unknown category '{category}'; the categories are: {', '.join(sorted(known))}."
-                )
-        rows = (
-            kb.search_products(conn, q, category, max_price, limit)
-            if q
-            else kb.list_products(conn, category, max_price, limit)
-        )
-    return {"count": len(rows), "products": [r.to_dict() for r in rows]}
+            try:
+                kb.check_category(conn, category)
+            except kb.UnknownCategory as error:
+                raise HTTPException(404, str(error)) from error
+        if q:
+            rows = kb.search_products(conn, q, category, max_price, limit)
+            found = [{**r.to_dict(), "matched": kb.matched_fields(r, q)} for r in rows]
+        else:
+            found = [r.to_dict() for r in kb.list_products(conn, category, max_price, limit)]
+    return {"count": len(found), "products": found}
 
 
 # ----------------------------------------------------------------- health
@@ -156,7 +315,12 @@ def products(
 health_routes = APIRouter(tags=["health"])
 
 
-@health_routes.get("/healthz", summary="Whether the knowledge base and the model server answer")
+@health_routes.get(
+    "/healthz",
+    summary="Whether the knowledge base and the model server answer",
+    response_model=Health,
+    responses={503: {"model": Health, "description": "the knowledge base or the model server does not answer"}},
+)
 def healthz(settings: SettingsDep, engine: EngineDep, client: ClientDep) -> JSONResponse:
     status: dict[str, Any] = {}
     try:

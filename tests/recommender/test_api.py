@@ -277,7 +277,7 @@ def test_cli_recommend_and_kb_search_print_tables(
     assert "name" in out and "price USD" in out and "Logitech, a brand you prefer; wireless" in out
     assert main(["--db-url", real_kb.url, "kb", "search", "rtx 4070", "--limit", "3"]) == 0
     out = capsys.readouterr().out
-    assert out.splitlines()[0].split() == ["id", "category", "name", "brand", "price", "USD"]
+    assert out.splitlines()[0].split() == ["id", "category", "name", "brand", "price", "USD", "matched"]
     assert len(out.splitlines()) == 5 and out.count("video-card") == 3
     assert main(["--db-url", real_kb.url, "recommend", str(tmp_path / "missing.jpg")]) == 2
     assert main(["--db-url", real_kb.url, "kb", "search", "rtx 4070", "--json", "--limit", "1"]) == 0
@@ -300,3 +300,28 @@ def test_cli_refuses_a_model_without_a_not_sure_threshold(
         "(signature 'serving_default')"
     )
     assert "has no 'not_sure_threshold' output" in err
+
+
+def test_cli_kb_search_says_which_field_matched_and_lists_the_categories_for_an_unknown_one(
+    real_kb: BuiltKb, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from recommender.cli import main
+
+    assert main(["--db-url", real_kb.url, "kb", "search", "--category", "gpu", "rtx"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.splitlines()) == 1
+    assert captured.err.startswith(
+        "error: Unknown category 'gpu' (the model's class gpu is the category video-card); the categories are: "
+        "case, cpu, headphones, internal-hard-drive, keyboard, memory, monitor, motherboard, mouse, speakers, "
+        "video-card, webcam."
+    )
+
+    search = ["--db-url", real_kb.url, "kb", "search"]
+    assert main([*search, "--category", "video-card", "rx 9060 xt", "--limit", "2"]) == 0
+    rows = capsys.readouterr().out.splitlines()[2:]
+    assert len(rows) == 2 and all(row.endswith("chipset Radeon RX 9060 XT") for row in rows)
+    assert main([*search, "asus am5", "--json", "--limit", "1"]) == 0
+    (found,) = json.loads(capsys.readouterr().out)
+    assert found["matched"] == ["name", "socket"] and found["specs"]["socket"] == "AM5"
+    assert main([*search, "--category", "mouse", "zzzz"]) == 0
+    assert capsys.readouterr().out == "no product in mouse matches 'zzzz'\n"

@@ -195,8 +195,9 @@ class PredictionClient:
         served = f"model '{self.model_name}'" + (f" version {version}" if version is not None else "")
         return IncompatibleModelError(
             f"{served} (signature '{self.signature_name}') has no '{NOT_SURE_THRESHOLD}' output: it was exported "
-            "before each model carried its own not-sure threshold. Export it again with `python -m "
-            "components.export` (evaluate writes the threshold to metrics/evaluate.json) or serve a newer version."
+            "before each model carried its own not-sure threshold. Export and publish it again (`make repro`: "
+            "evaluate writes the threshold, export builds it into the model, `make publish` serves it) or serve a "
+            "newer version."
         )
 
     def _not_sure_thresholds(self, outputs: Any, count: int, version: int | None) -> np.ndarray:

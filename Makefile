@@ -77,7 +77,7 @@ test: pull ## Set up, pull dataset v1 and run the whole test suite
 
 .PHONY: clean
 clean: ## Remove pipeline outputs (not the venv, not the data)
-	rm -rf artifacts reports models dvclive
+	rm -rf artifacts reports models dvclive dvc_plots
 
 .PHONY: compile
 compile: setup ## Compile the KFP pipeline to pipelines/training_pipeline.yaml (commit the result)

@@ -10,6 +10,9 @@ fails when a metric listed under `retrain_check.metrics` in params.yaml moved by
 
 from __future__ import annotations
 
+import common.quiet_tf  # noqa: F401  (first: TensorFlow reads its log level when it loads)
+
+# isort: split
 import argparse
 import json
 import logging
@@ -19,10 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common.cli import run_main
 from common.io import atomic_write_text
 from common.params import load_section
 
 log = logging.getLogger("pipelines.retrain_check")
+
+
+class DvcFailed(RuntimeError):
+    """A dvc command this check runs exited non-zero; the message holds its stderr."""
 
 
 @dataclass(frozen=True)
@@ -48,7 +56,7 @@ def dvc_metrics_diff(revision: str, markdown: bool = False) -> str:
     command = [sys.executable, "-m", "dvc", "metrics", "diff", revision, "--all", "--md" if markdown else "--json"]
     completed = subprocess.run(command, capture_output=True, text=True, check=False)
     if completed.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed: {completed.stderr.strip()}")
+        raise DvcFailed(f"{' '.join(command)} failed: {completed.stderr.strip()}")
     return completed.stdout
 
 
@@ -123,4 +131,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main(main, expected=(DvcFailed,)))

@@ -21,6 +21,9 @@ version) the model base at /models. The claim names are run parameters; pipeline
 creates claims with the default names.
 """
 
+import common.quiet_tf  # noqa: F401  (first: TensorFlow reads its log level when it loads)
+
+# isort: split
 import argparse
 import os
 from dataclasses import dataclass
@@ -28,6 +31,8 @@ from pathlib import Path
 
 from kfp import compiler, dsl, kubernetes
 from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Metrics, Model, Output
+
+from common.cli import run_main
 
 PIPELINE_NAME = "productlens-training"
 PIPELINE_YAML = Path(__file__).with_name("training_pipeline.yaml")
@@ -371,4 +376,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main(main))

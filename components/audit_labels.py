@@ -10,6 +10,9 @@ Nothing is relabelled here: people decide, blind, with `productlens review`.
 
 from __future__ import annotations
 
+import common.quiet_tf  # noqa: F401  (first: TensorFlow reads its log level when it loads)
+
+# isort: split
 import argparse
 import json
 import logging
@@ -21,9 +24,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from common.cli import run_main
 from common.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from common.params import load_params, section
-from components.model import MobileNetParams
+from components.model import MobileNetParams, WeightsError
 from components.preprocess import SPLITS
 
 log = logging.getLogger("components.audit_labels")
@@ -254,4 +258,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main(main, expected=(WeightsError,)))

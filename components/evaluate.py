@@ -16,6 +16,9 @@ test split's risk-coverage curve as a CSV (coverage, selective_accuracy, thresho
 
 from __future__ import annotations
 
+import common.quiet_tf  # noqa: F401  (first: TensorFlow reads its log level when it loads)
+
+# isort: split
 import argparse
 import json
 import logging
@@ -28,6 +31,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support, top_k_accuracy_score
 
+from common.cli import require_file, run_main
 from common.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from common.params import load_section
 from serving.contract import RESIZE_LAYER
@@ -338,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     from common.data import read_split, unlabelled
 
     class_names = json.loads((args.splits / "class_names.json").read_text(encoding="utf-8"))
-    model = keras.models.load_model(args.model, compile=False)
+    model = keras.models.load_model(require_file(args.model, "model", "run the train stage first"), compile=False)
     val = read_split(args.splits / f"{THRESHOLD_SPLIT}.csv", args.images, class_names)
     split = read_split(args.splits / f"{args.split}.csv", args.images, class_names)
     original_csv = args.splits / f"{args.split}{ORIGINAL_SUFFIX}.csv"
@@ -426,4 +430,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main(main))

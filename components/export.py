@@ -29,6 +29,9 @@ copies a blessed, validated candidate to `<models>/<model_name>/<N>/`.
 
 from __future__ import annotations
 
+import common.quiet_tf  # noqa: F401  (first: TensorFlow reads its log level when it loads)
+
+# isort: split
 import argparse
 import contextlib
 import logging
@@ -43,6 +46,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from common.cli import require_file, run_main
 from common.images import decode_and_resize, fit_to_square
 from common.io import atomic_directory, atomic_write_json, read_json, sha256_of_file
 from common.params import ParamsError, build, load_params, section
@@ -351,6 +355,7 @@ def refuse(message: str, reasons: list[str] = ()) -> int:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
+    require_file(args.model, "model", "run the train stage first")
     if threading.current_thread() is threading.main_thread():
         # SIGTERM unwinds like Ctrl-C, so the half-written candidate beside the output is removed.
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
@@ -384,4 +389,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main, expected=(ExportRefused,)))

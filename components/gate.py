@@ -11,12 +11,16 @@ decision is data, and the export step refuses a model that is not blessed.
 
 from __future__ import annotations
 
+import common.quiet_tf  # noqa: F401  (first: TensorFlow reads its log level when it loads)
+
+# isort: split
 import argparse
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from common.cli import require_file, run_main
 from common.io import atomic_write_json, read_json
 from common.params import load_section
 from serving.contract import MODEL_CARD_FILE, ModelCard, versions
@@ -195,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     params = load_section(GateParams, "gate", args.params)
-    candidate = read_json(args.candidate)
+    candidate = read_json(require_file(args.candidate, "candidate metrics", "run the evaluate stage first"))
     record = champion_file(args.champion)
     champion = champion_metrics_from(read_json(record)) if record is not None else None
     log.info("champion: %s", record if record is not None else "none yet")
@@ -210,4 +214,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main(main))

@@ -22,6 +22,9 @@ the blessing and publishes only the candidate it names.
 
 from __future__ import annotations
 
+import common.quiet_tf  # noqa: F401  (first: TensorFlow reads its log level when it loads)
+
+# isort: split
 import argparse
 import base64
 import contextlib
@@ -42,9 +45,10 @@ from typing import Any
 
 import numpy as np
 
+from common.cli import require_file, run_main
 from common.io import atomic_write_json, sha256_of_file
 from common.params import load_section
-from components.candidate import identity, read_card, sample_images
+from components.candidate import CandidateError, identity, read_card, sample_images
 from serving.contract import (
     CLASSIFICATION,
     IMAGE_BYTES,
@@ -358,6 +362,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
+    require_file(args.model, "model", "run the train stage first")
     if threading.current_thread() is threading.main_thread():
         # SIGTERM unwinds like Ctrl-C, so the validation server is stopped and the temporary model base removed.
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
@@ -382,4 +387,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main, expected=(CandidateError,)))

@@ -26,6 +26,10 @@ BASE_LAYER = "mobilenet_v2_base"
 TEMPERATURE_LAYER = "temperature"
 
 
+# Where the ImageNet weights live beside a clone (the KFP steps mount it at /shared); its README lists every file.
+WEIGHTS_README = "../shared/weights/README.md"
+
+
 class WeightsError(RuntimeError):
     """The pretrained weights file is missing or is not the file params.yaml pins."""
 
@@ -54,10 +58,7 @@ def verified_weights(path: Path | str, expected_sha256: str) -> Path:
     """Return `path` if it exists and its sha256 is `expected_sha256`; raise WeightsError otherwise."""
     path = Path(path)
     if not path.is_file():
-        raise WeightsError(
-            f"pretrained weights not found at {path}: the ImageNet MobileNetV2 files live in ../shared/weights "
-            "(see its README); set train.mobilenet_v2.weights in params.yaml to one of them"
-        )
+        raise WeightsError(missing_weights(path, expected_sha256))
     actual = sha256_of_file(path)
     if actual != expected_sha256.lower():
         raise WeightsError(
@@ -65,6 +66,21 @@ def verified_weights(path: Path | str, expected_sha256: str) -> Path:
             "the file is corrupt or not the one expected; restore it from ../shared/weights"
         )
     return path
+
+
+def missing_weights(path: Path, expected_sha256: str) -> str:
+    """One line for a weights file that is not there: where it was expected, what it is, what the folder holds."""
+    folder = path.parent
+    if folder.is_dir():
+        present = sorted(p.name for p in folder.glob("*.h5"))
+        there = f"{folder} holds {', '.join(present)}" if present else f"{folder} holds no .h5 file"
+    else:
+        there = f"{folder} does not exist (the shared folder belongs beside the clone)"
+    return (
+        f"pretrained weights not found at {path} (train.mobilenet_v2.weights in params.yaml); {there}. It is the "
+        f"ImageNet MobileNetV2 file without the top that Keras Applications publishes under this name (sha256 "
+        f"{expected_sha256[:12]}...): {WEIGHTS_README} lists each file with its alpha and sha256"
+    )
 
 
 def augmentation(params: AugmentParams, seed: int) -> keras.Sequential:

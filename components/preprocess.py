@@ -10,6 +10,9 @@ keeps every test image with its folder's label, for figures comparable with earl
 
 from __future__ import annotations
 
+import common.quiet_tf  # noqa: F401  (first: TensorFlow reads its log level when it loads)
+
+# isort: split
 import argparse
 import hashlib
 import logging
@@ -19,6 +22,7 @@ from typing import Any
 
 import pandas as pd
 
+from common.cli import run_main
 from common.io import atomic_directory, atomic_write_json
 from common.params import load_section
 from common.reviews import EXCLUDE_DECISIONS, apply_reviews, empty_reviews, read_reviews, review_counts
@@ -172,4 +176,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main(main))

@@ -17,6 +17,9 @@ pixel limit and classes), it publishes nothing, says so and exits 0.
 
 from __future__ import annotations
 
+import common.quiet_tf  # noqa: F401  (first: TensorFlow reads its log level when it loads)
+
+# isort: split
 import argparse
 import contextlib
 import datetime as dt
@@ -32,6 +35,7 @@ from typing import Any
 
 import yaml
 
+from common.cli import run_main
 from common.io import atomic_directory, atomic_write_json, read_json
 from components.candidate import CandidateError, blessing_refusal, read_card
 from serving.contract import (
@@ -227,4 +231,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -10,6 +10,9 @@ augmentation, TensorFlow op determinism).
 
 from __future__ import annotations
 
+import common.quiet_tf  # noqa: F401  (first: TensorFlow reads its log level when it loads)
+
+# isort: split
 import argparse
 import json
 import logging
@@ -23,6 +26,7 @@ import numpy as np
 import tensorflow as tf
 from keras.applications.mobilenet_v2 import preprocess_input
 
+from common.cli import run_main
 from common.data import Split, batches, image_dataset, read_split
 from common.io import atomic_write_json
 from common.params import build, load_params, section
@@ -30,6 +34,7 @@ from components.model import (
     ARCHITECTURES,
     AugmentParams,
     MobileNetParams,
+    WeightsError,
     base_of,
     build_model,
     ensemble,
@@ -450,4 +455,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main(main, expected=(WeightsError,)))

@@ -8,6 +8,9 @@ The catalog expectations (common.catalog) are the knowledge-base builder's too.
 
 from __future__ import annotations
 
+import common.quiet_tf  # noqa: F401  (first: TensorFlow reads its log level when it loads)
+
+# isort: split
 import argparse
 import base64
 import contextlib
@@ -28,6 +31,7 @@ from PIL import Image, UnidentifiedImageError
 
 import common
 from common.catalog import catalog_checks, with_catalog_columns
+from common.cli import run_main
 from common.expectations import MAX_EXAMPLES, Check, ValidationReport, run_checks
 from common.io import atomic_directory, atomic_write_json, atomic_write_text
 from common.params import load_section
@@ -561,4 +565,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main(main))

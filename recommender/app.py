@@ -8,6 +8,9 @@ in recommender/routes.py.
 
 from __future__ import annotations
 
+import common.quiet_tf  # noqa: F401  (first: TensorFlow reads its log level when it loads)
+
+# isort: split
 import argparse
 import asyncio
 import logging

@@ -11,6 +11,9 @@ Each product gets its value for money against its category here, once, for the r
 
 from __future__ import annotations
 
+import common.quiet_tf  # noqa: F401  (first: TensorFlow reads its log level when it loads)
+
+# isort: split
 import argparse
 import hashlib
 import logging
@@ -28,8 +31,10 @@ from typing import Any
 
 import pandas as pd
 from sqlalchemy import Engine, insert
+from sqlalchemy.exc import OperationalError
 
 from common.catalog import validate_catalog
+from common.cli import run_main
 from common.io import atomic_write_json
 from common.params import build, load_params, section
 from recommender.brands import BrandExtractor, clean_name
@@ -379,4 +384,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main, expected=(OperationalError,)))

@@ -20,6 +20,9 @@ longer than --rest_api_read_timeout_in_ms or its body stalls that long, and when
 
 from __future__ import annotations
 
+import common.quiet_tf  # noqa: F401  (first: TensorFlow reads its log level when it loads)
+
+# isort: split
 import argparse
 import ipaddress
 import logging

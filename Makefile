@@ -60,9 +60,10 @@ which-python: ## Print the python that dvc.yaml's `python -m ...` commands run u
 
 # Outside DVC on purpose: `dvc repro` and `dvc exp run` never change what is served.
 .PHONY: publish
-publish: setup ## Publish the validated candidate as models/productlens/<N+1> (nothing when N already serves it)
+publish: setup ## Publish the validated candidate as models/productlens/<N+1> (nothing when N already serves it); label it stable
 	$(BIN)/python -m components.publish --candidate artifacts/export/candidate --gate artifacts/gate/gate.json \
-		--blessing artifacts/infra_validate/blessing.json --data-dvc data.dvc --output models
+		--blessing artifacts/infra_validate/blessing.json --data-dvc data.dvc --output models \
+		--models-config serving/models.config --models-config serving/k8s/models.config
 
 # DVC's own page loads Vega from a CDN (blank offline): this template loads the pinned copies beside the page.
 PLOTS_TEMPLATE := common/report_assets/dvc_plots.html

@@ -13,6 +13,10 @@ so a crash or `kill -9` never leaves a visible half-written version (the next pu
 
 Idempotent: when the newest published version already serves this model (same weights, same threshold, top-k,
 pixel limit and classes), it publishes nothing, says so and exits 0.
+
+With `--models-config FILE` (repeatable; `make publish` names serving/models.config and serving/k8s/models.config),
+it then points the `stable` version label of the model in FILE at the version that serves the model, so clients
+can ask for `--label stable`; see `label_stable`.
 """
 
 from __future__ import annotations
@@ -34,9 +38,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from google.protobuf import text_format
+from tensorflow_serving.config import model_server_config_pb2
 
 from common.cli import run_main
-from common.io import atomic_directory, atomic_write_json, read_json
+from common.io import atomic_directory, atomic_write_json, atomic_write_text, read_json
 from components.candidate import CandidateError, blessing_refusal, read_card
 from serving.contract import (
     MODEL_CARD_FILE,
@@ -45,6 +51,7 @@ from serving.contract import (
     ModelCardError,
     latest_version,
     next_version,
+    versions,
 )
 
 log = logging.getLogger("components.publish")
@@ -184,6 +191,74 @@ def publish(
     return Publication(True, version, path, message)
 
 
+# ----- version labels in models.config ---------------------------------------------------------------------
+STABLE_LABEL = "stable"
+
+
+class LabelError(RuntimeError):
+    """A models.config that cannot be labelled: unreadable, or without the model."""
+
+
+def policy_versions(policy: model_server_config_pb2.ModelVersionPolicy, on_disk: list[int]) -> list[int]:
+    """The versions of `on_disk` that a model_version_policy loads (unset: the latest one, as TF Serving)."""
+    which = policy.WhichOneof("policy_choice")
+    if which == "all":
+        return on_disk
+    if which == "specific":
+        return [v for v in on_disk if v in set(policy.specific.versions)]
+    latest = max(int(policy.latest.num_versions), 1) if which == "latest" else 1
+    return on_disk[-latest:]
+
+
+def label_stable(config_path: Path, model_name: str, version: int, model_dir: Path) -> str:
+    """Point the `stable` label of `model_name` in the models.config at `config_path` at `version`, atomically;
+    returns what it did, in one line.
+
+    TF Serving refuses a whole config whose label names a version it has not loaded, so a label never names a
+    version outside what the policy loads from `model_dir`: `stable` stays as it is when the policy would not
+    load `version` (a `specific` policy), and other labels (`canary`) are kept only while their version is
+    loaded. Comments at the top of the file are kept; the rest is written as text_format writes it.
+    """
+    text = Path(config_path).read_text(encoding="utf-8")
+    config = model_server_config_pb2.ModelServerConfig()
+    try:
+        text_format.Parse(text, config)
+    except text_format.ParseError as error:
+        raise LabelError(f"{config_path} is not a models.config (ModelServerConfig text proto): {error}") from error
+    entry = next((c for c in config.model_config_list.config if c.name == model_name), None)
+    if entry is None:
+        raise LabelError(f"{config_path} configures no model '{model_name}', so it cannot label its versions")
+    loaded = policy_versions(entry.model_version_policy, versions(model_dir))
+    if version not in loaded:
+        return (
+            f"{config_path}: labels unchanged: its model_version_policy loads versions {loaded}, not {version}; "
+            f"add {version} to the policy to serve it"
+        )
+    labels = {label: v for label, v in entry.version_labels.items() if label == STABLE_LABEL or v in loaded}
+    dropped = [
+        f"{label} (version {number} is no longer loaded)"
+        for label, number in sorted(entry.version_labels.items())
+        if label not in labels
+    ]
+    labels[STABLE_LABEL] = version
+    entry.version_labels.clear()
+    entry.version_labels.update(labels)
+    header = "".join(line for line in _leading_comments(text))
+    updated = header + text_format.MessageToString(config)
+    if updated != text:
+        atomic_write_text(Path(config_path), updated)
+    said = f"{config_path}: {STABLE_LABEL} -> version {version}"
+    if dropped:
+        said += f"; dropped {', '.join(dropped)}"
+    return said
+
+
+def _leading_comments(text: str) -> list[str]:
+    lines = text.splitlines(keepends=True)
+    end = next((i for i, line in enumerate(lines) if line.strip() and not line.lstrip().startswith("#")), len(lines))
+    return lines[:end]
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m components.publish", description=__doc__.splitlines()[0])
     parser.add_argument("--candidate", type=Path, required=True, help="the export candidate folder")
@@ -192,6 +267,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data-dvc", type=Path, default=Path("data.dvc"), help="the dataset's .dvc file (md5)")
     parser.add_argument("--output", type=Path, default=Path("models"), help="serving base: <output>/<model_name>/<N>/")
     parser.add_argument("--report", type=Path, default=None, help="write {published, version, path, message} here")
+    parser.add_argument(
+        "--models-config",
+        type=Path,
+        action="append",
+        default=[],
+        help="a models.config whose `stable` label then names the serving version (repeatable)",
+    )
     return parser.parse_args(argv)
 
 
@@ -227,6 +309,12 @@ def main(argv: list[str] | None = None) -> int:
             },
         )
     print(result.message)
+    for config_path in args.models_config:
+        try:
+            print(label_stable(config_path, result.path.parent.name, result.version, result.path.parent))
+        except (OSError, LabelError) as error:
+            print(f"error: the {STABLE_LABEL} label was not written: {error}", file=sys.stderr)
+            return 1
     return 0
 
 

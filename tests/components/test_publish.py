@@ -157,3 +157,73 @@ def test_a_killed_publish_leaves_no_visible_version(step_inputs, candidates) -> 
     assert step.main(cli_args(step_inputs)) == 0
     assert visible_versions(model_dir) == ["1", "2"]
     assert not staging.exists()
+
+
+def shipped_config(tmp_path: Path) -> Path:
+    """serving/models.config as the repo ships it (labelled stable -> 1), copied where a test may rewrite it."""
+    config = tmp_path / "models.config"
+    shutil.copy(ROOT / "serving" / "models.config", config)
+    return config
+
+
+def test_publish_points_the_stable_label_at_the_serving_version(step_inputs, candidates, tmp_path, capsys) -> None:
+    config = shipped_config(tmp_path)
+    shipped = config.read_text()
+    args = [*cli_args(step_inputs), "--models-config", str(config)]
+    assert step.main(args) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"{config}: stable -> version 1"
+    assert config.read_text() == shipped  # what the repo ships is what the first publish writes: no diff
+    assert step.main(args) == 0  # nothing published: the label still names the version serving the model
+    assert capsys.readouterr().out.splitlines()[-1] == f"{config}: stable -> version 1"
+
+    step_inputs["candidate"] = candidates["b"]
+    step_inputs["blessing"].write_text(json.dumps(blessing_for(candidates["b"])))
+    assert step.main([*cli_args(step_inputs), "--models-config", str(config)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"{config}: stable -> version 2"
+    assert config.read_text() == shipped.replace('key: "stable"\n      value: 1', 'key: "stable"\n      value: 2')
+    assert config.read_text().startswith("# TF Serving ModelServerConfig")  # the comments at the top stay
+
+
+def test_publish_never_labels_a_version_the_policy_does_not_load(step_inputs, candidates, tmp_path, capsys) -> None:
+    """TF Serving refuses a whole config whose label names a version it has not loaded."""
+    config = shipped_config(tmp_path)
+    config.write_text(config.read_text().replace("  }\n}\n", '    version_labels { key: "canary" value: 1 }\n  }\n}\n'))
+    publish(candidates["a"], GATE, blessing_for(candidates["a"]), step_inputs["output"], {})  # version 1
+    step_inputs["candidate"] = candidates["b"]
+    step_inputs["blessing"].write_text(json.dumps(blessing_for(candidates["b"])))
+    assert step.main([*cli_args(step_inputs), "--models-config", str(config)]) == 0
+    said = capsys.readouterr().out.splitlines()[-1]
+    assert said == f"{config}: stable -> version 2; dropped canary (version 1 is no longer loaded)"
+    assert load_labels(config) == {"stable": 2}  # latest { num_versions: 1 } unloads version 1
+
+    # A pinned policy serves version 2 only: a version 3 on disk is not labelled until the policy names it.
+    config.write_text(
+        config.read_text().replace("latest {\n        num_versions: 1", "specific {\n        versions: 2")
+    )
+    model_dir = step_inputs["output"] / "productlens"
+    (model_dir / "3").mkdir()
+    said = step.label_stable(config, "productlens", 3, model_dir)
+    assert said == (
+        f"{config}: labels unchanged: its model_version_policy loads versions [2], not 3; add 3 to the policy to "
+        "serve it"
+    )
+    assert load_labels(config) == {"stable": 2}
+
+
+def test_a_models_config_without_the_model_is_one_line_and_exit_1(step_inputs, tmp_path, capsys) -> None:
+    config = tmp_path / "models.config"
+    config.write_text('model_config_list { config { name: "other" base_path: "/models/other" } }\n')
+    assert step.main([*cli_args(step_inputs), "--models-config", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert err == (
+        f"error: the stable label was not written: {config} configures no model 'productlens', so it cannot label "
+        "its versions\n"
+    )
+
+
+def load_labels(config: Path) -> dict[str, int]:
+    from google.protobuf import text_format
+    from tensorflow_serving.config.model_server_config_pb2 import ModelServerConfig
+
+    parsed = text_format.Parse(config.read_text(), ModelServerConfig())
+    return dict(parsed.model_config_list.config[0].version_labels)

@@ -81,16 +81,30 @@ def write_feature_cache(path: Path, key: str, features: dict[str, np.ndarray]) -
 
 
 def frozen_features(paths: list[str], image_size: int, weights: MobileNetParams, batch_size: int) -> np.ndarray:
-    """Global-average-pooled MobileNetV2 features of each image (the training pipeline's decoding)."""
+    """Global-average-pooled MobileNetV2 features of each image (the training pipeline's decoding), with a
+    progress bar on a terminal (minutes for the whole dataset on a few cores)."""
+    import keras
     from keras.applications.mobilenet_v2 import preprocess_input
+    from tqdm import tqdm
 
     from common.data import AUTOTUNE, image_dataset, unlabelled
     from components.model import mobilenet_v2_base
 
+    class ImagesDone(keras.callbacks.Callback):
+        def __init__(self, bar: tqdm) -> None:
+            super().__init__()
+            self.bar = bar
+
+        def on_predict_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+            self.bar.update(min(batch_size, self.bar.total - self.bar.n))
+
     base = mobilenet_v2_base(image_size, weights)
     pixels = image_dataset(unlabelled(paths), image_size).map(lambda x, y: x)
     batched = pixels.batch(batch_size).map(preprocess_input).prefetch(AUTOTUNE)
-    return base.predict(batched, verbose=0)
+    # tqdm on stderr, off when stderr is not a terminal (CI logs get the log line instead); keras' own bar
+    # would write ANSI escapes to stdout either way. The callback only counts: the features are predict's.
+    with tqdm(total=len(paths), desc="frozen features", unit="image", disable=None) as bar:
+        return base.predict(batched, verbose=0, callbacks=[ImagesDone(bar)])
 
 
 def linear_probe(c: float, class_weight: str | None = None) -> Any:

@@ -35,6 +35,7 @@ from serving.errors import ServingError, internal, invalid_argument, unavailable
 log = logging.getLogger("serving.batching")
 
 RunFunction = Callable[[str, dict[str, np.ndarray]], dict[str, np.ndarray]]
+BatchObserver = Callable[[str, int], None]  # (signature, rows) of each batch run, for the batch-size metric
 
 
 @dataclass
@@ -65,6 +66,7 @@ class BatchScheduler:
         self._queued_rows = 0
         self._cond = threading.Condition()
         self._stopping = False
+        self._observe: BatchObserver | None = None
         self._threads = [
             threading.Thread(target=self._work, name=f"batch-{name}-{i}", daemon=True)
             for i in range(options.num_batch_threads)
@@ -95,6 +97,10 @@ class BatchScheduler:
             raise task.error
         assert task.outputs is not None
         return task.outputs
+
+    def observe_batches(self, observer: BatchObserver) -> None:
+        """Call observer(signature, rows) after each batch that runs from now on (not the warmup's, if set after it)."""
+        self._observe = observer
 
     def stop(self) -> None:
         """Finish queued work, then end the batch threads."""
@@ -165,6 +171,8 @@ class BatchScheduler:
                 task.error = error
                 task.done.set()
             return
+        if self._observe is not None:
+            self._observe(signature, rows)
         log.debug(
             "%s: ran %s on %d row(s) from %d request(s) in %.1f ms, oldest waited %.1f ms",
             self.name,
@@ -186,6 +194,8 @@ class BatchScheduler:
     def _run_alone(self, task: _Task) -> None:
         try:
             task.outputs = self._run(task.signature, task.inputs)
+            if self._observe is not None:
+                self._observe(task.signature, task.rows)
         except ServingError as error:
             task.error = error
         task.done.set()

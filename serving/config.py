@@ -1,8 +1,10 @@
-"""TF Serving's configuration files: the model server config and the batching parameters, both text protos.
+"""TF Serving's configuration files: the model server config, the batching parameters and the monitoring config,
+all text protos.
 
 `models.config` is a `tensorflow.serving.ModelServerConfig` (the file `tensorflow_model_server
 --model_config_file` reads); the batching file is a `tensorflow.serving.BatchingParameters`
-(`--batching_parameters_file`). The same files run the official image in production.
+(`--batching_parameters_file`); the monitoring file is a `tensorflow.serving.MonitoringConfig`
+(`--monitoring_config_file`). The same files run the official image in production.
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ class ConfigError(ValueError):
 def _batching_parameters_class() -> type:
     """BatchingParameters from session_bundle_config.proto.
 
-    The tensorflow-serving-api wheel ships only apis/ and config/, not servables/, so when the
-    generated module is missing the message is declared here with TF Serving's field numbers, in
-    a private descriptor pool (no clash if the real module is imported later).
+    The tensorflow-serving-api wheel ships only apis/ and config/ (and not all of config/: no monitoring_config),
+    not servables/, so when the generated module is missing the message is declared here with TF Serving's field
+    numbers, in a private descriptor pool (no clash if the real module is imported later).
     """
     try:
         from tensorflow_serving.servables.tensorflow.session_bundle_config_pb2 import (  # type: ignore[import-not-found]
@@ -59,6 +61,67 @@ def _batching_parameters_class() -> type:
 
 
 BatchingParameters = _batching_parameters_class()
+
+
+def _monitoring_config_class() -> type:
+    """MonitoringConfig from monitoring_config.proto, declared like BatchingParameters when the wheel lacks it."""
+    try:
+        from tensorflow_serving.config.monitoring_config_pb2 import MonitoringConfig  # type: ignore[import-not-found]
+
+        return MonitoringConfig
+    except ImportError:
+        pass
+    pool = descriptor_pool.DescriptorPool()
+    proto = descriptor_pb2.FileDescriptorProto(
+        name="tensorflow_serving/config/monitoring_config.proto", package="tensorflow.serving", syntax="proto3"
+    )
+    F = descriptor_pb2.FieldDescriptorProto
+    prometheus = proto.message_type.add(name="PrometheusConfig")
+    prometheus.field.add(name="enable", number=1, type=F.TYPE_BOOL, label=F.LABEL_OPTIONAL)
+    prometheus.field.add(name="path", number=2, type=F.TYPE_STRING, label=F.LABEL_OPTIONAL)
+    monitoring = proto.message_type.add(name="MonitoringConfig")
+    monitoring.field.add(
+        name="prometheus_config",
+        number=1,
+        type=F.TYPE_MESSAGE,
+        type_name=".tensorflow.serving.PrometheusConfig",
+        label=F.LABEL_OPTIONAL,
+    )
+    pool.Add(proto)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("tensorflow.serving.MonitoringConfig"))
+
+
+MonitoringConfig = _monitoring_config_class()
+# TF Serving's PrometheusExporter::kPrometheusPath: where metrics are when the config enables them without a path.
+DEFAULT_PROMETHEUS_PATH = "/monitoring/prometheus/metrics"
+
+
+@dataclass(frozen=True)
+class MonitoringOptions:
+    """--monitoring_config_file as TF Serving applies it: Prometheus metrics on the REST port at `prometheus_path`
+    when `prometheus_enabled`; without the file, no metrics page."""
+
+    prometheus_enabled: bool = False
+    prometheus_path: str = DEFAULT_PROMETHEUS_PATH
+
+
+def parse_monitoring_config(text: str, where: str = "monitoring config") -> MonitoringOptions:
+    message = MonitoringConfig()
+    try:
+        text_format.Parse(text, message)
+    except text_format.ParseError as error:
+        raise ConfigError(f"{where}: not a MonitoringConfig text proto: {error}") from error
+    prometheus = message.prometheus_config
+    path = prometheus.path or DEFAULT_PROMETHEUS_PATH
+    if not path.startswith("/") or path.lower().startswith("/v1/") or path.lower() == "/v1":
+        raise ConfigError(
+            f"{where}: prometheus_config path {path!r} must start with '/' and lie outside the API's /v1/ paths"
+        )
+    return MonitoringOptions(prometheus_enabled=bool(prometheus.enable), prometheus_path=path)
+
+
+def load_monitoring_config(path: Path) -> MonitoringOptions:
+    return parse_monitoring_config(Path(path).read_text(encoding="utf-8"), str(path))
 
 
 @dataclass(frozen=True)
@@ -135,12 +198,27 @@ class VersionPolicy:
         return "all"
 
 
+# LogCollectorConfig.type values this server writes: TF Serving leaves the collector to a registered plugin; here
+# the one collector writes TFRecord files of PredictionLog records (serving/prediction_log.py).
+LOG_COLLECTOR_TYPES = ("",)
+
+
+@dataclass(frozen=True)
+class PredictionLogging:
+    """A model's `logging_config`: the share of its answered Predict and Classify requests (with their responses)
+    written as PredictionLog records to TFRecord files whose names start with `filename_prefix`."""
+
+    filename_prefix: str  # absolute; relative prefixes resolve like base_path
+    sampling_rate: float
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     name: str
     base_path: Path
     policy: VersionPolicy
     labels: dict[str, int]
+    logging: PredictionLogging | None = None
 
 
 def _policy_of(config: model_server_config_pb2.ModelConfig) -> VersionPolicy:
@@ -155,6 +233,34 @@ def _policy_of(config: model_server_config_pb2.ModelConfig) -> VersionPolicy:
     # Unset policy and `latest {}` both mean the single highest version, as in TF Serving.
     num = int(policy.latest.num_versions) if choice == "latest" else 1
     return VersionPolicy("latest", num_versions=max(num, 1))
+
+
+def _logging_of(config: model_server_config_pb2.ModelConfig, root: Path | None) -> PredictionLogging | None:
+    """The model's logging_config, checked; None when it has none (nothing is logged)."""
+    if not config.HasField("logging_config"):
+        return None
+    logging = config.logging_config
+    where = f"model {config.name!r}: logging_config"
+    if logging.HasField("custom_logging_config"):
+        raise ConfigError(f"{where}: custom_logging_config is not supported; use log_collector_config")
+    collector = logging.log_collector_config
+    if collector.type not in LOG_COLLECTOR_TYPES:
+        raise ConfigError(
+            f"{where}: log_collector_config type {collector.type!r} is not supported; "
+            f'use type: "" (TFRecord files of PredictionLog records)'
+        )
+    if not collector.filename_prefix:
+        example = f"logs/predictions/{config.name}"
+        raise ConfigError(f'{where}: log_collector_config needs a filename_prefix (e.g. "{example}")')
+    sampling = logging.sampling_config
+    if sampling.per_task_sampling_configs:
+        raise ConfigError(f"{where}: per_task_sampling_configs is not supported; set sampling_rate")
+    rate = float(sampling.sampling_rate)
+    if not 0.0 <= rate <= 1.0:
+        raise ConfigError(f"{where}: sampling_rate {rate} must lie between 0 and 1")
+    # A string, not a Path: a trailing '/' (files named by time alone, inside that folder) must survive.
+    prefix = os.path.join(root or Path.cwd(), collector.filename_prefix)
+    return PredictionLogging(filename_prefix=prefix, sampling_rate=rate)
 
 
 def model_configs(config: model_server_config_pb2.ModelServerConfig, root: Path | None = None) -> list[ModelConfig]:
@@ -182,6 +288,7 @@ def model_configs(config: model_server_config_pb2.ModelServerConfig, root: Path 
                 base_path=base,
                 policy=_policy_of(entry),
                 labels={str(k): int(v) for k, v in entry.version_labels.items()},
+                logging=_logging_of(entry, root),
             )
         )
     return models

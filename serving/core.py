@@ -5,6 +5,9 @@ policy: every `file_system_poll_wait_seconds` each model's base_path is listed; 
 version policy aspires to are loaded, warmed up, then marked AVAILABLE; versions no longer
 aspired are unloaded only once an aspired version is AVAILABLE (so there is never a gap), and
 only after their in-flight requests finish.
+
+The core also owns the prediction logger (TF Serving's ServerCore owns its request logger): each config it applies
+says which models log which share of their requests, and where.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from tensorflow_serving.config import model_server_config_pb2
 from serving import contract
 from serving.config import BatchingOptions, ConfigError, ModelConfig, check_model_roots, model_configs
 from serving.errors import ServingError, failed_precondition, invalid_argument, not_found, unavailable
+from serving.metrics import ServerMetrics
+from serving.prediction_log import PredictionLogger, PredictionLogOptions
 from serving.servable import ServableVersion, State
 
 log = logging.getLogger("serving.core")
@@ -41,6 +46,7 @@ class CoreOptions:
     # Every base_path (startup config, config file polls, HandleReloadConfigRequest) must lie under one of these;
     # None: no restriction (the server always passes its --allowed_model_root folders).
     allowed_model_roots: tuple[Path, ...] | None = None
+    prediction_log: PredictionLogOptions = PredictionLogOptions()  # file rotation and queue of the logging_configs
 
 
 class _Model:
@@ -55,10 +61,18 @@ class _Model:
 
 
 class ServerCore:
-    """Owns every servable version; thread-safe; the gRPC and REST front ends call `servable()`."""
+    """Owns every servable version; thread-safe; the gRPC and REST front ends call `servable()`, and hand what
+    they answered to `prediction_logs`. With `metrics`, each batch scheduler reports its batch sizes there."""
 
-    def __init__(self, config: model_server_config_pb2.ModelServerConfig, options: CoreOptions) -> None:
+    def __init__(
+        self,
+        config: model_server_config_pb2.ModelServerConfig,
+        options: CoreOptions,
+        metrics: ServerMetrics | None = None,
+    ) -> None:
         self.options = options
+        self.metrics = metrics
+        self.prediction_logs = PredictionLogger(options.prediction_log, metrics)
         self._lock = threading.RLock()
         self._reconcile_lock = threading.Lock()
         self._models: dict[str, _Model] = {}
@@ -78,7 +92,8 @@ class ServerCore:
         self._poller.start()
 
     def stop(self, timeout_s: float = 30.0) -> bool:
-        """Stop polling and unload every version, waiting up to timeout_s in all for requests still using one.
+        """Stop polling, unload every version and write out the queued prediction logs, waiting up to timeout_s in all
+        for requests still using a version.
 
         Returns False when something was still running at the deadline (its threads are daemons and are left
         behind)."""
@@ -98,6 +113,7 @@ class ServerCore:
         for thread in list(self._unloaders):
             thread.join(timeout=remaining())
             finished = finished and not thread.is_alive()
+        finished = self.prediction_logs.stop(remaining()) and finished
         return finished and (self._poller is None or not self._poller.is_alive())
 
     def _poll(self) -> None:
@@ -153,6 +169,7 @@ class ServerCore:
                 model.config = config
                 if check_labels:
                     self._set_labels(model, config.labels)
+            self.prediction_logs.configure(models)
 
     def _set_labels(self, model: _Model, labels: dict[str, int]) -> None:
         model.labels = dict(labels)
@@ -222,6 +239,9 @@ class ServerCore:
                 version.error = ServingError(code, message)
                 version.state = State.END
             return
+        if self.metrics is not None and version.scheduler is not None:
+            # After the warmup: its batches are not traffic.
+            version.scheduler.observe_batches(self.metrics.batch_observer(version.name, version.version))
         with self._lock:
             version.state = State.AVAILABLE
         log.info("Successfully loaded servable version %s in %.1fs", version, time.monotonic() - started)
@@ -336,6 +356,10 @@ class ServerCore:
     def model_names(self) -> list[str]:
         with self._lock:
             return sorted(self._models)
+
+    def has_model(self, name: str) -> bool:
+        """Whether the config names this model (cheap: for labelling a request's metrics)."""
+        return name in self._models
 
 
 __all__ = ["CoreOptions", "ServerCore", "ServingError"]

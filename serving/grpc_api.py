@@ -2,6 +2,9 @@
 
 HandleReloadConfigRequest replaces the whole model config, so unlike TF Serving (where anyone who reaches the
 port may call it) it can be switched off, or require a shared token: `ReloadAccess`.
+
+Every Predict, Classify, GetModelMetadata and GetModelStatus call is counted in the server's metrics (with its
+status, and its latency when answered OK); answered Predict and Classify calls go to the core's prediction logger.
 """
 
 from __future__ import annotations
@@ -23,8 +26,19 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
+from serving.contract import SERVING_DEFAULT
 from serving.core import ServerCore
 from serving.errors import ServingError, invalid_argument
+from serving.metrics import (
+    CLASSIFY,
+    GET_MODEL_METADATA,
+    GET_MODEL_STATUS,
+    GRPC,
+    PREDICT,
+    REGRESS,
+    Call,
+    ServerMetrics,
+)
 
 log = logging.getLogger("serving.grpc")
 
@@ -107,7 +121,7 @@ class InFlightInterceptor(grpc.ServerInterceptor):
 
 
 def model_metadata(
-    core: ServerCore, request: get_model_metadata_pb2.GetModelMetadataRequest
+    core: ServerCore, request: get_model_metadata_pb2.GetModelMetadataRequest, call: Call | None = None
 ) -> get_model_metadata_pb2.GetModelMetadataResponse:
     """GetModelMetadata: the served version's SignatureDefs (the only metadata field TF Serving has)."""
     if not request.metadata_field:
@@ -117,6 +131,8 @@ def model_metadata(
             raise invalid_argument(f"Metadata field {name} is not supported")
     with core.servable(request.model_spec) as version:
         assert version.model is not None
+        if call is not None:
+            call.routed(version.name, version.version)
         response = get_model_metadata_pb2.GetModelMetadataResponse()
         response.model_spec.name = version.name
         response.model_spec.version.value = version.version
@@ -140,49 +156,87 @@ def _fail(context: grpc.ServicerContext, error: Exception, method: str):
     context.abort(grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}")
 
 
+def status_of(error: Exception) -> grpc.StatusCode:
+    """The status code a failed request is answered with (anything but a ServingError is INTERNAL)."""
+    return error.code if isinstance(error, ServingError) else grpc.StatusCode.INTERNAL
+
+
+def start_call(core: ServerCore, api: str, entrypoint: str, model_name: str) -> Call:
+    """A request's metrics record: its model name as a label only if the config has that model."""
+    return Call(api, entrypoint, model_name=model_name) if core.has_model(model_name) else Call(api, entrypoint)
+
+
 class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
-    def __init__(self, core: ServerCore) -> None:
+    def __init__(self, core: ServerCore, metrics: ServerMetrics) -> None:
         self.core = core
+        self.metrics = metrics
 
     def Predict(self, request: predict_pb2.PredictRequest, context: grpc.ServicerContext):  # noqa: N802
+        call = start_call(self.core, PREDICT, GRPC, request.model_spec.name)
         try:
             with self.core.servable(request.model_spec) as version:
-                return version.predict(request, _timeout(context))
+                assert version.model is not None
+                signature = request.model_spec.signature_name or SERVING_DEFAULT
+                call.routed(version.name, version.version, version.model.signature_defs, signature)
+                response = version.predict(request, _timeout(context))
         except Exception as error:  # noqa: BLE001 - every failure becomes a status; the server stays up
+            self.metrics.record(call, status_of(error))
             _fail(context, error, "Predict")
+        self.metrics.record(call, grpc.StatusCode.OK)
+        self.core.prediction_logs.log_predict(version.version, request, response)
+        return response
 
     def Classify(self, request: classification_pb2.ClassificationRequest, context: grpc.ServicerContext):  # noqa: N802
+        call = start_call(self.core, CLASSIFY, GRPC, request.model_spec.name)
         try:
             with self.core.servable(request.model_spec) as version:
-                return version.classify(request, _timeout(context))
+                assert version.model is not None
+                signature = request.model_spec.signature_name or SERVING_DEFAULT
+                call.routed(version.name, version.version, version.model.signature_defs, signature)
+                response = version.classify(request, _timeout(context))
         except Exception as error:  # noqa: BLE001
+            self.metrics.record(call, status_of(error))
             _fail(context, error, "Classify")
+        self.metrics.record(call, grpc.StatusCode.OK)
+        self.core.prediction_logs.log_classify(version.version, request, response)
+        return response
 
     def Regress(self, request, context: grpc.ServicerContext):  # noqa: N802
+        call = start_call(self.core, REGRESS, GRPC, request.model_spec.name)
+        self.metrics.record(call, grpc.StatusCode.UNIMPLEMENTED)
         context.abort(grpc.StatusCode.UNIMPLEMENTED, "Regress is not implemented: ProductLens exports no regression")
 
     def MultiInference(self, request, context: grpc.ServicerContext):  # noqa: N802
         context.abort(grpc.StatusCode.UNIMPLEMENTED, "MultiInference is not implemented by this server")
 
     def GetModelMetadata(self, request, context: grpc.ServicerContext):  # noqa: N802
+        call = start_call(self.core, GET_MODEL_METADATA, GRPC, request.model_spec.name)
         try:
-            return model_metadata(self.core, request)
+            response = model_metadata(self.core, request, call)
         except Exception as error:  # noqa: BLE001
+            self.metrics.record(call, status_of(error))
             _fail(context, error, "GetModelMetadata")
+        self.metrics.record(call, grpc.StatusCode.OK)
+        return response
 
 
 class ModelService(model_service_pb2_grpc.ModelServiceServicer):
-    def __init__(self, core: ServerCore, reload_access: ReloadAccess) -> None:
+    def __init__(self, core: ServerCore, reload_access: ReloadAccess, metrics: ServerMetrics) -> None:
         self.core = core
         self.reload_access = reload_access
+        self.metrics = metrics
 
     def GetModelStatus(self, request: get_model_status_pb2.GetModelStatusRequest, context):  # noqa: N802
+        call = start_call(self.core, GET_MODEL_STATUS, GRPC, request.model_spec.name)
         try:
             if not request.HasField("model_spec"):
                 raise invalid_argument("Missing ModelSpec")
-            return self.core.model_status(request.model_spec)
+            response = self.core.model_status(request.model_spec)
         except Exception as error:  # noqa: BLE001
+            self.metrics.record(call, status_of(error))
             _fail(context, error, "GetModelStatus")
+        self.metrics.record(call, grpc.StatusCode.OK)
+        return response
 
     def HandleReloadConfigRequest(self, request: model_management_pb2.ReloadConfigRequest, context):  # noqa: N802
         try:
@@ -198,6 +252,6 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
             _fail(context, error, "HandleReloadConfigRequest")
 
 
-def add_services(server: grpc.Server, core: ServerCore, reload_access: ReloadAccess) -> None:
-    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionService(core), server)
-    model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(core, reload_access), server)
+def add_services(server: grpc.Server, core: ServerCore, reload_access: ReloadAccess, metrics: ServerMetrics) -> None:
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionService(core, metrics), server)
+    model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(core, reload_access, metrics), server)

@@ -4,10 +4,14 @@
     POST /v1/models/{name}[/versions/{v}|/labels/{l}]:classify   {"examples": [...], "context": {...}}
     GET  /v1/models/{name}[/versions/{v}|/labels/{l}]            GetModelStatus as JSON
     GET  /v1/models/{name}[/versions/{v}|/labels/{l}]/metadata   GetModelMetadata as JSON
+    GET  /monitoring/prometheus/metrics                          Prometheus metrics, when --monitoring_config_file
+                                                                 enables them (at the path it gives)
 
 Binary values travel as {"b64": "..."}; JSON numbers are converted to the signature's dtype (REST
 is lenient where gRPC is strict, as in TF Serving). Errors are {"error": "..."} with TF Serving's
-HTTP status for the gRPC code (INVALID_ARGUMENT 400, NOT_FOUND 404, UNAVAILABLE 503, ...).
+HTTP status for the gRPC code (INVALID_ARGUMENT 400, NOT_FOUND 404, UNAVAILABLE 503, ...). Each API call is
+counted in the server's metrics like its gRPC twin (entrypoint REST); answered predict and classify calls go to the
+prediction logger.
 
 The transport is uvicorn (HTTP/1.1 keep-alive, by h11) running a Starlette app in a thread of the server
 process; requests run on worker threads. It refuses what would hold a connection or memory, answering in the
@@ -52,7 +56,17 @@ from uvicorn.protocols.http.h11_impl import STATUS_PHRASES, H11Protocol
 from serving.contract import SERVING_DEFAULT
 from serving.core import ServerCore
 from serving.errors import ServingError, invalid_argument
-from serving.grpc_api import SIGNATURE_DEF_FIELD, model_metadata
+from serving.grpc_api import SIGNATURE_DEF_FIELD, model_metadata, start_call, status_of
+from serving.metrics import (
+    CLASSIFY,
+    GET_MODEL_METADATA,
+    GET_MODEL_STATUS,
+    PREDICT,
+    REGRESS,
+    REST,
+    Call,
+    ServerMetrics,
+)
 from serving.tensors import NUMPY_OF, dtype_name
 
 log = logging.getLogger("serving.rest")
@@ -272,41 +286,35 @@ def _signature_name(body: dict) -> str:
     return name
 
 
+_VERB_APIS = {"predict": PREDICT, "classify": CLASSIFY, "regress": REGRESS}
+
+
 class RestApi:
     """Maps (method, path, body) to (HTTP status, JSON body) on top of a ServerCore."""
 
-    def __init__(self, core: ServerCore, timeout_s: float | None) -> None:
+    def __init__(self, core: ServerCore, timeout_s: float | None, metrics: ServerMetrics | None = None) -> None:
         self.core = core
         self.timeout_s = timeout_s
+        self.metrics = metrics if metrics is not None else ServerMetrics()
 
     def handle(self, method: str, path: str, body: bytes) -> tuple[int, dict | str]:
+        call: Call | None = None
         try:
-            return 200, self._dispatch(method, path.split("?", 1)[0], body)
-        except ServingError as error:
-            return error.http_status, {"error": error.message}
+            api, spec = _route(method, path.split("?", 1)[0])
+            call = start_call(self.core, api, REST, spec.name)
+            result = self._run(api, spec, body, call)
         except Exception as error:  # noqa: BLE001 - a bug answers 500, never a dead server
+            if call is not None:
+                self.metrics.record(call, status_of(error))
+            if isinstance(error, ServingError):
+                return error.http_status, {"error": error.message}
             log.exception("REST %s %s failed unexpectedly", method, path)
             return 500, {"error": f"{type(error).__name__}: {error}"}
+        self.metrics.record(call, grpc.StatusCode.OK)
+        return 200, result
 
-    def _dispatch(self, method: str, path: str, body: bytes) -> dict | str:
-        if method == "POST" and (match := PREDICTION_PATH.fullmatch(path)):
-            name, version, label, verb = match.groups()
-            spec = model_spec(name, version, label)
-            payload = _json_body(body)
-            if verb.lower() == "predict":
-                return self._predict(spec, payload)
-            if verb.lower() == "classify":
-                return self._classify(spec, payload)
-            raise ServingError(
-                grpc.StatusCode.UNIMPLEMENTED, "regress is not implemented: ProductLens exports no regression"
-            )
-        if method == "GET" and (match := STATUS_PATH.fullmatch(path)):
-            name, version, label, metadata = match.groups()
-            if not name:
-                raise invalid_argument("Missing model name in request.")
-            spec = model_spec(name, version, label)
-            if metadata:
-                return self._metadata(spec)
+    def _run(self, api: str, spec: model_pb2.ModelSpec, body: bytes, call: Call) -> dict | str:
+        if api == GET_MODEL_STATUS:
             return json.loads(
                 json_format.MessageToJson(
                     self.core.model_status(spec),
@@ -314,21 +322,37 @@ class RestApi:
                     always_print_fields_with_no_presence=True,
                 )
             )
-        raise invalid_argument(f"Malformed request: {method} {path}")
+        if api == GET_MODEL_METADATA:
+            return self._metadata(spec, call)
+        payload = _json_body(body)
+        if api == PREDICT:
+            return self._predict(spec, payload, call)
+        if api == CLASSIFY:
+            return self._classify(spec, payload, call)
+        raise ServingError(
+            grpc.StatusCode.UNIMPLEMENTED, "regress is not implemented: ProductLens exports no regression"
+        )
 
-    def _predict(self, spec: model_pb2.ModelSpec, payload: dict) -> dict:
+    def _predict(self, spec: model_pb2.ModelSpec, payload: dict, call: Call) -> dict:
         signature = _signature_name(payload) or SERVING_DEFAULT
         with self.core.servable(spec) as version:
             assert version.model is not None
+            call.routed(version.name, version.version, version.model.signature_defs, signature)
             sig = version.model.signature(signature, rest=True)
             inputs, layout = parse_predict_body(payload, sig.inputs)
             _, outputs = version.predict_arrays(signature, inputs, timeout_s=self.timeout_s, rest=True)
-        return predict_response_json(outputs, layout)
+        answer = predict_response_json(outputs, layout)
+        self.core.prediction_logs.log_predict_arrays(version.name, version.version, signature, spec, inputs, outputs)
+        return answer
 
-    def _classify(self, spec: model_pb2.ModelSpec, payload: dict) -> dict:
+    def _classify(self, spec: model_pb2.ModelSpec, payload: dict, call: Call) -> dict:
         request = classification_request(payload, spec)
         with self.core.servable(spec) as version:
+            assert version.model is not None
+            signature = request.model_spec.signature_name or SERVING_DEFAULT
+            call.routed(version.name, version.version, version.model.signature_defs, signature)
             response = version.classify(request, self.timeout_s)
+        self.core.prediction_logs.log_classify(version.version, request, response)
         return {
             "result": [
                 [[entry.label, entry.score] for entry in classifications.classes]
@@ -336,10 +360,10 @@ class RestApi:
             ]
         }
 
-    def _metadata(self, spec: model_pb2.ModelSpec) -> dict:
+    def _metadata(self, spec: model_pb2.ModelSpec, call: Call) -> dict:
         request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=[SIGNATURE_DEF_FIELD])
         request.model_spec.CopyFrom(spec)
-        response = model_metadata(self.core, request)
+        response = model_metadata(self.core, request, call)
         signatures = get_model_metadata_pb2.SignatureDefMap()
         response.metadata[SIGNATURE_DEF_FIELD].Unpack(signatures)
 
@@ -349,6 +373,19 @@ class RestApi:
             )
 
         return {"model_spec": as_dict(response.model_spec), "metadata": {SIGNATURE_DEF_FIELD: as_dict(signatures)}}
+
+
+def _route(method: str, path: str) -> tuple[str, model_pb2.ModelSpec]:
+    """The API (metrics' name for it) and the ModelSpec a request path names."""
+    if method == "POST" and (match := PREDICTION_PATH.fullmatch(path)):
+        name, version, label, verb = match.groups()
+        return _VERB_APIS[verb.lower()], model_spec(name, version, label)
+    if method == "GET" and (match := STATUS_PATH.fullmatch(path)):
+        name, version, label, metadata = match.groups()
+        if not name:
+            raise invalid_argument("Missing model name in request.")
+        return (GET_MODEL_METADATA if metadata else GET_MODEL_STATUS), model_spec(name, version, label)
+    raise invalid_argument(f"Malformed request: {method} {path}")
 
 
 def _json_body(body: bytes) -> dict:
@@ -510,12 +547,14 @@ class RestServer:
         read_timeout_s: float | None = 30.0,
         keep_alive_timeout_s: float = DEFAULT_KEEP_ALIVE_TIMEOUT_S,
         num_threads: int = DEFAULT_NUM_THREADS,
+        metrics_path: str | None = None,
     ) -> None:
         # Bound here, in the caller's thread: a port in use fails start-up, and port 0's pick is known at once.
         family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self._socket = socket.create_server(address, family=family, backlog=BACKLOG)
         self.api = api
         self.max_request_bytes = max_request_bytes
+        self.metrics_path = metrics_path  # None: no metrics page (no --monitoring_config_file enabling it)
         self.keep_alive_timeout_s = keep_alive_timeout_s
         self.draining = False
         self._in_flight = 0  # requests between their headers and their answer (changed on the event loop only)
@@ -606,6 +645,12 @@ class RestServer:
             return self._unsupported_method(method)
         query = request.scope["query_string"].decode("latin-1")
         target = request.scope["raw_path"].decode("latin-1") + (f"?{query}" if query else "")
+        if self.metrics_path is not None and request.scope["raw_path"].decode("latin-1") == self.metrics_path:
+            if method != "GET":
+                return self._unsupported_method(method)
+            page, content_type = await asyncio.wrap_future(self._executor.submit(self.api.metrics.page))
+            headers = {"content-type": content_type} | ({"connection": "close"} if self.closes_connections else {})
+            return Response(page, 200, headers=headers)
         body = b""
         if method == "POST":
             refusal = await self._refuse_body(request)

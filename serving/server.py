@@ -16,6 +16,12 @@ non-loopback address unless $PRODUCTLENS_RELOAD_CONFIG_TOKEN is set, and then ne
 --shutdown_grace_seconds to finish; a REST connection is closed when its request line and headers take
 longer than --rest_api_read_timeout_in_ms or its body stalls that long, and when it has been idle for
 --rest_api_keep_alive_timeout_in_ms after a response.
+
+Monitoring and prediction logs as TF Serving configures them: --monitoring_config_file (a MonitoringConfig with
+`prometheus_config { enable: true }`) serves Prometheus metrics on the REST port at /monitoring/prometheus/metrics
+(serving/metrics.py); a model's `logging_config` in models.config writes a sample of its requests as PredictionLog
+TFRecord files (serving/prediction_log.py), rotated at --prediction_log_max_file_bytes, through a queue of
+--prediction_log_queue_size entries (more are dropped, not waited for).
 """
 
 from __future__ import annotations
@@ -42,14 +48,18 @@ from common.io import atomic_write_json
 from serving.config import (
     BatchingOptions,
     ConfigError,
+    MonitoringOptions,
     default_model_roots,
     load_batching_parameters,
     load_model_server_config,
+    load_monitoring_config,
     model_configs,
     single_model_config,
 )
 from serving.core import CoreOptions, ServerCore
 from serving.grpc_api import RELOAD_TOKEN_ENV, InFlight, InFlightInterceptor, ReloadAccess, add_services
+from serving.metrics import ServerMetrics
+from serving.prediction_log import DEFAULT_MAX_FILE_BYTES, DEFAULT_QUEUE_SIZE, PredictionLogOptions
 from serving.rest_api import DEFAULT_KEEP_ALIVE_TIMEOUT_S, DEFAULT_NUM_THREADS, RestApi, RestServer
 
 log = logging.getLogger("serving.server")
@@ -122,6 +132,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--enable_batching", type=_flag_bool, nargs="?", const=True, default=False)
     add("--batching_parameters_file", type=Path, help="BatchingParameters text proto")
     add("--enable_model_warmup", type=_flag_bool, nargs="?", const=True, default=True)
+    add(
+        "--monitoring_config_file",
+        type=Path,
+        help="MonitoringConfig text proto; prometheus_config { enable: true } serves Prometheus metrics on the REST "
+        "port (at its path, default /monitoring/prometheus/metrics)",
+    )
+    add(
+        "--prediction_log_max_file_bytes",
+        type=int,
+        default=DEFAULT_MAX_FILE_BYTES,
+        help="a logging_config's TFRecord file is closed and the next one opened before it would pass this size",
+    )
+    add(
+        "--prediction_log_queue_size",
+        type=int,
+        default=DEFAULT_QUEUE_SIZE,
+        help="sampled requests waiting to be written; when it is full, further ones are dropped (and counted)",
+    )
     add("--allow_version_labels_for_unavailable_models", type=_flag_bool, nargs="?", const=True, default=False)
     add("--max_num_load_retries", type=int, default=5)
     add("--load_retry_interval_micros", type=int, default=60_000_000)
@@ -184,6 +212,14 @@ class ModelServer:
         else:
             config = single_model_config(args.model_name, args.model_base_path)
         self.allowed_model_roots = tuple(args.allowed_model_root or default_model_roots(model_configs(config)))
+        self.monitoring = (
+            load_monitoring_config(args.monitoring_config_file) if args.monitoring_config_file else MonitoringOptions()
+        )
+        self.metrics = ServerMetrics()
+        try:
+            prediction_log = PredictionLogOptions(args.prediction_log_max_file_bytes, args.prediction_log_queue_size)
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
         batching = None
         if args.enable_batching:
             batching = (
@@ -201,7 +237,9 @@ class ModelServer:
                 max_num_load_retries=args.max_num_load_retries,
                 load_retry_interval_s=args.load_retry_interval_micros / 1e6,
                 allowed_model_roots=self.allowed_model_roots,
+                prediction_log=prediction_log,
             ),
+            self.metrics,
         )
         if batching is not None:
             log.info("Batching: %s", batching)
@@ -223,7 +261,7 @@ class ModelServer:
         self.grpc_server = grpc.server(
             self._executor, interceptors=[InFlightInterceptor(self.in_flight)], options=options
         )
-        add_services(self.grpc_server, self.core, self.reload_access)
+        add_services(self.grpc_server, self.core, self.reload_access, self.metrics)
         self.grpc_port = self.grpc_server.add_insecure_port(_grpc_address(args.host, args.port))
         if self.grpc_port == 0:
             raise OSError(f"could not bind the gRPC port {args.host}:{args.port}")
@@ -233,17 +271,26 @@ class ModelServer:
             rest_host = args.rest_api_host or args.host
             timeout = args.rest_api_timeout_in_ms / 1000 if args.rest_api_timeout_in_ms > 0 else None
             read_timeout = args.rest_api_read_timeout_in_ms / 1000 if args.rest_api_read_timeout_in_ms > 0 else None
+            monitoring = self.monitoring
             self.rest_server = RestServer(
                 (rest_host, max(args.rest_api_port, 0)),
-                RestApi(self.core, timeout),
+                RestApi(self.core, timeout, self.metrics),
                 args.max_request_bytes,
                 read_timeout_s=read_timeout,
                 keep_alive_timeout_s=max(args.rest_api_keep_alive_timeout_in_ms, 0) / 1000,
                 num_threads=args.rest_api_num_threads,
+                metrics_path=monitoring.prometheus_path if monitoring.prometheus_enabled else None,
             )
             self.rest_server.start()
             self.rest_port = self.rest_server.port
             log.info("Exporting HTTP/REST API at:%s ...", _grpc_address(rest_host, self.rest_port))
+            if monitoring.prometheus_enabled:
+                log.info("Prometheus metrics at %s on the REST port", monitoring.prometheus_path)
+        elif self.monitoring.prometheus_enabled:
+            log.warning(
+                "%s enables Prometheus metrics, but REST is off (--rest_api_port=0): no metrics page",
+                args.monitoring_config_file,
+            )
         log.info("Model base paths must lie under: %s", ", ".join(str(root) for root in self.allowed_model_roots))
         if not self.reload_access.enabled:
             log.info("HandleReloadConfigRequest is off: %s", self.reload_access.why_off)

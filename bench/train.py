@@ -60,7 +60,8 @@ def run_model(name: str, params: dict[str, Any], args: argparse.Namespace, workd
     wall = time.perf_counter() - started
     subprocess.run(
         [sys.executable, "-m", "components.evaluate", "--model", str(model), "--splits", str(args.splits),
-         "--images", str(args.images), "--params", str(params_path), "--metrics", str(evaluation),
+         "--images", str(args.images), "--params", str(params_path),
+         "--metrics", str(workdir / f"{name}.evaluate.metrics.json"), "--report", str(evaluation),
          "--confusion-csv", str(workdir / f"{name}.confusion.csv"),
          "--confusion-png", str(workdir / f"{name}.confusion.png")],
         cwd=REPO_ROOT, env=env, check=True,

@@ -6,6 +6,9 @@ features: the model that scores an image never saw it), and Datalab ranks label 
 those probabilities and finds outliers and near-duplicates from the same embeddings. Features
 are cached per image content hash, so a rerun after a few reviews takes seconds, not minutes.
 Nothing is relabelled here: people decide, blind, with `productlens review`.
+
+Outputs: the issue table (`--issues`, one row per image and issue type), the DVC metrics (`--metrics`: issue
+counts, out-of-fold accuracy, seconds) and the report (`--report`: the same plus issues per split and class).
 """
 
 from __future__ import annotations
@@ -164,7 +167,8 @@ def issue_table(
     return table.sort_values(["_order", "issue_score", "file"]).drop(columns="_order").reset_index(drop=True)
 
 
-def audit_metrics(images: pd.DataFrame, table: pd.DataFrame, probabilities: np.ndarray) -> dict[str, Any]:
+def audit_report(images: pd.DataFrame, table: pd.DataFrame, probabilities: np.ndarray) -> dict[str, Any]:
+    """Issue counts by type, per split and per given class, and how many are not reviewed yet."""
     labels = images["label"].to_numpy()
     out_of_fold_accuracy = float((probabilities.argmax(axis=1) == labels).mean()) if len(labels) else 0.0
     pending = table[~table["reviewed"]]
@@ -215,7 +219,7 @@ def audit(
     weights: MobileNetParams,
     cache_path: Path | None,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Label issues of `images` (path, class_name, label, sha256, split, review) and the audit metrics."""
+    """Label issues of `images` (path, class_name, label, sha256, split, review) and the audit report."""
     started = time.perf_counter()
     key = feature_key(params, weights)
     cached = read_feature_cache(cache_path, key) if cache_path else {}
@@ -234,10 +238,22 @@ def audit(
     issues, lab = find_issues(features, labels, probabilities)
     duplicate_sets = lab.get_info("near_duplicate")["near_duplicate_sets"]
     table = issue_table(images, issues, probabilities, class_names, duplicate_sets)
-    metrics = audit_metrics(images, table, probabilities)
-    metrics["feature_seconds"] = round(features_seconds, 1)
-    metrics["seconds"] = round(time.perf_counter() - started, 1)
-    return table, metrics
+    report = audit_report(images, table, probabilities)
+    report["feature_seconds"] = round(features_seconds, 1)
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    return table, report
+
+
+def headline_metrics(report: dict[str, Any]) -> dict[str, Any]:
+    """The DVC metrics of an audit report: a few scalars (issues by type, how many still to review, time)."""
+    return {
+        "out_of_fold_accuracy": report["out_of_fold_accuracy"],
+        "label_issues": report["issues"]["label"],
+        "outliers": report["issues"]["outlier"],
+        "near_duplicates": report["issues"]["near_duplicate"],
+        "issues_not_reviewed": sum(report["issues_not_reviewed"].values()),
+        "seconds": report["seconds"],
+    }
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -247,7 +263,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--feature-cache", type=Path, default=None, help=".npz of features per sha256 (reused)")
     parser.add_argument("--issues", type=Path, required=True, help="output CSV, one row per (image, issue type)")
-    parser.add_argument("--metrics", type=Path, required=True)
+    parser.add_argument("--metrics", type=Path, required=True, help="output: issue counts (DVC metrics)")
+    parser.add_argument("--report", type=Path, default=None, help="output: issue counts per split and class")
     return parser.parse_args(argv)
 
 
@@ -257,15 +274,17 @@ def main(argv: list[str] | None = None) -> int:
     params, weights = load_audit_params(args.params)
     class_names = json.loads((args.splits / "class_names.json").read_text(encoding="utf-8"))
     images = load_split_frames(args.splits)
-    table, metrics = audit(images, args.images, class_names, params, weights, args.feature_cache)
+    table, report = audit(images, args.images, class_names, params, weights, args.feature_cache)
     atomic_write_text(args.issues, table.to_csv(index=False))
-    atomic_write_json(args.metrics, metrics)
+    if args.report is not None:
+        atomic_write_json(args.report, report)
+    atomic_write_json(args.metrics, headline_metrics(report))
     log.info(
         "%d images, out-of-fold accuracy %.3f: %s (not yet reviewed: %s) -> %s",
-        metrics["n_images"],
-        metrics["out_of_fold_accuracy"],
-        metrics["issues"],
-        metrics["issues_not_reviewed"],
+        report["n_images"],
+        report["out_of_fold_accuracy"],
+        report["issues"],
+        report["issues_not_reviewed"],
         args.issues,
     )
     return 0

@@ -3,9 +3,13 @@
 On the test split's labels (`test.csv`: the reviewed labels once preprocess applies labels/reviews.csv):
 accuracy, macro F1, per-class precision/recall/F1, top-k accuracy, expected calibration error, the
 majority-class baseline on the same split, the most confused class pairs, and a confusion matrix as a
-CSV (one row per image: actual,predicted, what DVC's confusion template reads) and a PNG. These are the
-top-level keys the gate reads. When `test_original.csv` exists (every test image with its original
-folder label), the same figures on those labels go under `original_labels`, for continuity.
+CSV (one row per image: actual,predicted, what DVC's confusion template reads) and a PNG. When
+`test_original.csv` exists (every test image with its original folder label), the same figures on those
+labels go under `original_labels`, for continuity.
+
+All of it goes to the evaluation report (`--report`, what the gate judges and export puts in the model
+card); the DVC metrics file (`--metrics`) holds only the headline figures, accuracy and macro F1 first;
+per-class precision/recall/F1 also go to a CSV for a DVC bar plot (`--per-class-csv`).
 
 The "not sure" threshold is chosen on val, never on test: the lowest top-1 probability whose selective
 accuracy (accuracy among the images at or above it) reaches `evaluate.target_precision`, i.e. the
@@ -43,6 +47,7 @@ log = logging.getLogger("components.evaluate")
 
 THRESHOLD_SPLIT = "val"  # the not-sure threshold is chosen here; the test split only reports it
 ORIGINAL_SUFFIX = "_original"  # <split>_original.csv: the same images with their original folder labels
+PER_CLASS_COLUMNS = ("recall", "precision", "f1", "support")  # the per-class CSV, after its class column
 
 
 @dataclass(frozen=True)
@@ -231,6 +236,35 @@ def not_sure_report(
     return report
 
 
+def headline_metrics(evaluation: dict[str, Any]) -> dict[str, Any]:
+    """The DVC metrics of an evaluation: scalars only, in the order `dvc metrics show` and `dvc exp show` print
+    them (accuracy and macro F1 first). Selective accuracy and coverage are at the not-sure threshold."""
+    at_threshold = evaluation["selective"][evaluation["split"]]
+    return {
+        "accuracy": evaluation["accuracy"],
+        "macro_f1": evaluation["macro_f1"],
+        "worst_class_recall": evaluation["worst_class_recall"],
+        "worst_class": evaluation["worst_class"],
+        "top_k_accuracy": evaluation["top_k_accuracy"],
+        "ece": evaluation["ece"],
+        "not_sure_threshold": evaluation["not_sure_threshold"],
+        "selective_accuracy": at_threshold["selective_accuracy"],
+        "coverage": at_threshold["coverage"],
+        "images": evaluation["images"],
+    }
+
+
+def per_class_rows(evaluation: dict[str, Any]) -> pd.DataFrame:
+    """One row per class (class, recall, precision, f1, support): the DVC bar plot of per-class figures."""
+    return pd.DataFrame(
+        [
+            {"class": name, **{k: figures[k] for k in PER_CLASS_COLUMNS}}
+            for name, figures in evaluation["per_class"].items()
+        ],
+        columns=["class", *PER_CLASS_COLUMNS],
+    )
+
+
 def predict_probabilities(model: Any, split: Split, batch_size: int) -> np.ndarray:
     """Class probabilities for every image of `split`, in manifest order."""
     from common.data import batches, image_dataset  # TensorFlow: only where images are read
@@ -322,7 +356,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--split", default="test", help="which split CSV to score (default test)")
     parser.add_argument("--images", type=Path, required=True, help="root the split paths are relative to")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--metrics", type=Path, required=True, help="output metrics JSON")
+    parser.add_argument("--metrics", type=Path, required=True, help="output: the headline figures (DVC metrics)")
+    parser.add_argument(
+        "--report", type=Path, required=True, help="output: the whole evaluation JSON (what the gate judges)"
+    )
+    parser.add_argument(
+        "--per-class-csv", type=Path, default=None, help="output: class,recall,precision,f1,support per class"
+    )
     parser.add_argument("--confusion-csv", type=Path, required=True, help="output: actual,predicted per image")
     parser.add_argument("--confusion-png", type=Path, required=True)
     parser.add_argument(
@@ -360,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     choice = choose_not_sure_threshold(*correctness(val.labels, val_probabilities), params.target_precision)
     threshold = choice.threshold
     confidence, correct = correctness(split.labels, probabilities)
-    metrics: dict[str, Any] = {
+    evaluation: dict[str, Any] = {
         "split": args.split,
         **classification_metrics(split.labels, probabilities, class_names, params),
         "not_sure_threshold": threshold,
@@ -374,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     if original is not None:
         original_probabilities = every[[row_of[p] for p in original.paths]]
-        metrics["original_labels"] = {
+        evaluation["original_labels"] = {
             "labels_file": original_csv.name,
             **classification_metrics(original.labels, original_probabilities, class_names, params),
             "selective": selective_figures(*correctness(original.labels, original_probabilities), threshold),
@@ -383,10 +423,10 @@ def main(argv: list[str] | None = None) -> int:
     predictions = probabilities.argmax(axis=1)
     atomic_write_text(args.confusion_csv, confusion_rows(split.labels, predictions, class_names).to_csv(index=False))
     matrix = confusion_matrix(split.labels, predictions, labels=np.arange(len(class_names)))
-    title = f"{args.split}: accuracy {metrics['accuracy']:.3f}, macro F1 {metrics['macro_f1']:.3f}"
+    title = f"{args.split}: accuracy {evaluation['accuracy']:.3f}, macro F1 {evaluation['macro_f1']:.3f}"
     atomic_write_bytes(args.confusion_png, confusion_png(matrix, class_names, title))
     curve = risk_coverage(confidence, correct)
-    reported = metrics["selective"][args.split]
+    reported = evaluation["selective"][args.split]
     if args.risk_coverage_csv is not None:
         atomic_write_text(args.risk_coverage_csv, curve.round(6).to_csv(index=False))
     if args.risk_coverage_png is not None:
@@ -397,16 +437,20 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_bytes(
             args.risk_coverage_png, risk_coverage_png(curve, threshold, params.target_precision, curve_title)
         )
-    atomic_write_json(args.metrics, metrics)
+    if args.per_class_csv is not None:
+        atomic_write_text(args.per_class_csv, per_class_rows(evaluation).to_csv(index=False))
+    atomic_write_json(args.report, evaluation)
+    atomic_write_json(args.metrics, headline_metrics(evaluation))
     log.info(
-        "%s: accuracy %.4f, macro F1 %.4f, worst recall %.2f (%s), majority baseline %.4f -> %s",
+        "%s: accuracy %.4f, macro F1 %.4f, worst recall %.2f (%s), majority baseline %.4f -> %s, %s",
         args.split,
-        metrics["accuracy"],
-        metrics["macro_f1"],
-        metrics["worst_class_recall"],
-        metrics["worst_class"],
-        metrics["majority_baseline_accuracy"],
+        evaluation["accuracy"],
+        evaluation["macro_f1"],
+        evaluation["worst_class_recall"],
+        evaluation["worst_class"],
+        evaluation["majority_baseline_accuracy"],
         args.metrics,
+        args.report,
     )
     log.info(
         "not-sure threshold %.4f (chosen on %s for precision %.2f%s): %s coverage %.3f, selective accuracy %s",
@@ -422,9 +466,9 @@ def main(argv: list[str] | None = None) -> int:
         log.info(
             "%s on original labels: accuracy %.4f, macro F1 %.4f (%d images)",
             args.split,
-            metrics["original_labels"]["accuracy"],
-            metrics["original_labels"]["macro_f1"],
-            metrics["original_labels"]["images"],
+            evaluation["original_labels"]["accuracy"],
+            evaluation["original_labels"]["macro_f1"],
+            evaluation["original_labels"]["images"],
         )
     return 0
 

@@ -6,6 +6,9 @@ and the same data always gives the same splits. Hashing within each class keeps 
 stratified up to sampling noise. Reviewed labels (labels/reviews.csv) relabel or exclude images
 after the split is decided, so a review never moves an image to another split. test_original.csv
 keeps every test image with its folder's label, for figures comparable with earlier runs.
+
+The DVC metrics (`--metrics`) are the split sizes and how many labels the review changed; the report
+(`--report`) adds the split fractions, images per class and split, and the review outcomes per given class.
 """
 
 from __future__ import annotations
@@ -107,7 +110,8 @@ def make_splits(manifest: pd.DataFrame, params: PreprocessParams, reviews: pd.Da
     )
 
 
-def split_metrics(result: Splits) -> dict[str, Any]:
+def split_report(result: Splits) -> dict[str, Any]:
+    """Everything about the splits: sizes, fractions, images per class and split, review outcomes."""
     splits, class_names = result.splits, result.class_names
     total = sum(len(frame) for frame in splits.values())
     kept = pd.concat(splits.values(), ignore_index=True)
@@ -134,13 +138,24 @@ def split_metrics(result: Splits) -> dict[str, Any]:
     }
 
 
+def headline_metrics(report: dict[str, Any]) -> dict[str, Any]:
+    """The DVC metrics of a split report: a few scalars (images per split, labels the review changed)."""
+    reviews = report["reviews"]
+    return {
+        **{f"{name}_images": size for name, size in report["split_sizes"].items()},
+        "relabelled": reviews["relabelled"],
+        "excluded": sum(reviews[decision] for decision in EXCLUDE_DECISIONS),
+    }
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m components.preprocess", description=__doc__.splitlines()[0])
     parser.add_argument("--manifest", type=Path, required=True, help="manifest CSV written by validate")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--reviews", type=Path, default=None, help="labels/reviews.csv (validated): relabel/exclude")
     parser.add_argument("--output", type=Path, required=True, help="folder for {train,val,test}.csv")
-    parser.add_argument("--metrics", type=Path, required=True)
+    parser.add_argument("--metrics", type=Path, required=True, help="output: images per split, labels reviewed away")
+    parser.add_argument("--report", type=Path, default=None, help="output: the split report JSON (per class, ...)")
     return parser.parse_args(argv)
 
 
@@ -160,12 +175,14 @@ def main(argv: list[str] | None = None) -> int:
         result.test_original.to_csv(staging / "test_original.csv", index=False)
         result.excluded.to_csv(staging / "excluded.csv", index=False)
         atomic_write_json(staging / "class_names.json", result.class_names)
-    metrics = split_metrics(result)
-    atomic_write_json(args.metrics, metrics)
-    reviewed = metrics["reviews"]
+    report = split_report(result)
+    if args.report is not None:
+        atomic_write_json(args.report, report)
+    atomic_write_json(args.metrics, headline_metrics(report))
+    reviewed = report["reviews"]
     log.info(
         "splits %s over %d classes -> %s; reviews: %d confirmed, %d relabelled, %d excluded",
-        metrics["split_sizes"],
+        report["split_sizes"],
         len(result.class_names),
         args.output,
         reviewed["confirmed"],

@@ -2,8 +2,10 @@
 
 This is the first wall against the paper's mistake (split folders used as classes): the
 layout, the class list, every file's decodability and label conflicts are checked before
-anything is trained. Outputs a manifest (input of preprocess), metrics and GX Data Docs.
-The catalog expectations (common.catalog) are the knowledge-base builder's too.
+anything is trained. Outputs a manifest (input of preprocess), the DVC metrics (a few counts), and
+a report folder: GX Data Docs, GX's raw results and `validate.json` (images per class, catalog rows,
+duplicates and every expectation's outcome). The catalog expectations (common.catalog) are the
+knowledge-base builder's too.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ from common.params import load_section
 from common.reviews import allowed_decisions, read_reviews
 
 log = logging.getLogger("components.validate")
+
+SUMMARY_FILE = "validate.json"  # in the report folder: the whole summary (the DVC metrics hold a few counts)
 
 MANIFEST_COLUMNS = [
     "path", "class_name", "in_class_folder", "bytes", "sha256", "format",
@@ -459,7 +463,8 @@ def validate_dataset(
     docs_dir: Path | None = None,
     reviews: pd.DataFrame | None = None,
 ) -> tuple[pd.DataFrame, ValidationReport, dict[str, Any]]:
-    """Build the manifest and run every image, review and catalog expectation; returns manifest, report, metrics."""
+    """Build the manifest and run every image, review and catalog expectation; returns the manifest, GX's report
+    and the summary (counts, per-class images, catalog rows, every expectation's outcome)."""
     if not images_root.is_dir():
         raise FileNotFoundError(f"images folder {images_root} does not exist (did you run `dvc pull`?)")
     manifest = build_manifest(images_root, params.max_pixels)
@@ -491,7 +496,7 @@ def validate_dataset(
         make_data_docs_offline(docs_dir)
     usable = manifest[manifest["decodes"] & manifest["in_class_folder"]]
     within_class_duplicates = usable[usable.duplicated(["class_name", "sha256"], keep="first")]
-    metrics = {
+    summary = {
         "success": report.success,
         "n_files": int(len(manifest)),
         "n_images": int(len(usable)),
@@ -516,7 +521,18 @@ def validate_dataset(
             for o in report.outcomes
         ],
     }
-    return manifest, report, metrics
+    return manifest, report, summary
+
+
+def headline_metrics(summary: dict[str, Any]) -> dict[str, Any]:
+    """The DVC metrics of a validation summary: whether it passed and a few counts."""
+    return {
+        "success": summary["success"],
+        "failed_expectations": sum(not e["success"] for e in summary["expectations"]),
+        "n_images": summary["n_images"],
+        "n_classes": summary["n_classes"],
+        "duplicates_within_class": summary["duplicates_within_class"],
+    }
 
 
 def failure_summary(report: ValidationReport) -> str:
@@ -532,8 +548,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--reviews", type=Path, default=None, help="labels/reviews.csv: reviewed labels to check")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--manifest", type=Path, required=True, help="manifest CSV to write (on success)")
-    parser.add_argument("--metrics", type=Path, required=True, help="metrics JSON to write")
-    parser.add_argument("--report-dir", type=Path, required=True, help="GX results and Data Docs")
+    parser.add_argument("--metrics", type=Path, required=True, help="output: pass/fail and a few counts (DVC)")
+    parser.add_argument(
+        "--report-dir", type=Path, required=True, help=f"output: {SUMMARY_FILE}, GX results and Data Docs"
+    )
     return parser.parse_args(argv)
 
 
@@ -546,16 +564,17 @@ def main(argv: list[str] | None = None) -> int:
     params = load_section(ValidateParams, "validate", args.params)
     with atomic_directory(args.report_dir) as staging:
         reviews = read_reviews(args.reviews) if args.reviews is not None else None
-        manifest, report, metrics = validate_dataset(args.images, args.catalog, params, staging / "data_docs", reviews)
+        manifest, report, summary = validate_dataset(args.images, args.catalog, params, staging / "data_docs", reviews)
         atomic_write_json(staging / "validation_results.json", report.raw_results)
-    atomic_write_json(args.metrics, metrics)
+        atomic_write_json(staging / SUMMARY_FILE, summary)
+    atomic_write_json(args.metrics, headline_metrics(summary))
     log.info(
         "%d files, %d valid images in %d classes; Data Docs: %s",
-        metrics["n_files"], metrics["n_images"], metrics["n_classes"], args.report_dir / "data_docs" / "index.html",
+        summary["n_files"], summary["n_images"], summary["n_classes"], args.report_dir / "data_docs" / "index.html",
     )  # fmt: skip
-    if metrics["duplicates_within_class"]:
+    if summary["duplicates_within_class"]:
         log.warning("%d duplicate image(s) within a class, e.g. %s",
-                    metrics["duplicates_within_class"], metrics["duplicate_examples"])  # fmt: skip
+                    summary["duplicates_within_class"], summary["duplicate_examples"])  # fmt: skip
     if not report.success:
         print(failure_summary(report), file=sys.stderr)
         args.manifest.unlink(missing_ok=True)  # a stale manifest must not feed preprocess

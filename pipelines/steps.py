@@ -33,6 +33,7 @@ DEFAULT_PARAMS = PROJECT_ROOT / "params.yaml"
 DATA_PARTS = ("images", "catalog")
 MODEL_FILE = "model.keras"
 EVALUATE_METRICS = "evaluate.json"
+EVALUATE_REPORT = "report.json"  # the whole evaluation: what the gate judges and export puts in the card
 DATA_DVC_FILE = "data.dvc"  # the dataset's .dvc file, kept beside images/ when fetched from a DVC repository
 REVIEWS_FILE = "labels/reviews.csv"  # reviewed labels: versioned in git beside data.dvc, fetched with the data
 
@@ -239,8 +240,9 @@ def validate(data_dir: Path, params_path: Path, manifest_path: Path, metrics_art
         run_step(step.main, argv)
     finally:  # the Data Docs explain a failed validation: publish them either way
         if metrics_path.exists():
-            metrics = log_metrics_file(metrics_artifact, metrics_path)
-            page = data_docs_page(Path(report_dir) / "validate" / "data_docs", metrics)
+            log_metrics_file(metrics_artifact, metrics_path)
+            summary = read_json(Path(report_dir) / "validate" / step.SUMMARY_FILE)  # every expectation's outcome
+            page = data_docs_page(Path(report_dir) / "validate" / "data_docs", summary)
             atomic_write_text(Path(data_docs_path), page)
 
 
@@ -251,7 +253,8 @@ def preprocess(data_dir: Path, manifest_path: Path, params_path: Path, splits_di
     with tempfile.TemporaryDirectory(prefix="preprocess-") as scratch:
         metrics_path = Path(scratch) / "preprocess.json"
         argv = ["--manifest", str(manifest_path), "--reviews", str(Path(data_dir) / REVIEWS_FILE),
-                "--params", str(params_path), "--output", str(splits_dir), "--metrics", str(metrics_path)]  # fmt: skip
+                "--params", str(params_path), "--output", str(splits_dir), "--metrics", str(metrics_path),
+                "--report", str(Path(scratch) / "report.json")]  # fmt: skip
         run_step(step.main, argv)
         log_metrics_file(metrics_artifact, metrics_path)
 
@@ -265,7 +268,7 @@ def train(data_dir: Path, splits_dir: Path, params_path: Path, model_dir: Path, 
     argv = [
         "--splits", str(splits_dir), "--images", str(Path(data_dir) / "images"), "--params", str(params_path),
         "--model", str(Path(model_dir) / MODEL_FILE), "--metrics", str(metrics_path),
-        "--live-dir", str(Path(history_dir) / "dvclive"),
+        "--report", str(Path(history_dir) / "report.json"), "--live-dir", str(Path(history_dir) / "dvclive"),
     ]  # fmt: skip
     run_step(step.main, argv)
     log_metrics_file(metrics_artifact, metrics_path)
@@ -283,7 +286,9 @@ def evaluate(data_dir: Path, splits_dir: Path, model_dir: Path, params_path: Pat
     argv = [
         "--model", str(Path(model_dir) / MODEL_FILE), "--splits", str(splits_dir),
         "--images", str(Path(data_dir) / "images"), "--params", str(params_path),
-        "--metrics", str(evaluation_dir / EVALUATE_METRICS), "--confusion-csv", str(evaluation_dir / "confusion.csv"),
+        "--metrics", str(evaluation_dir / EVALUATE_METRICS), "--report", str(evaluation_dir / EVALUATE_REPORT),
+        "--per-class-csv", str(evaluation_dir / "per_class.csv"),
+        "--confusion-csv", str(evaluation_dir / "confusion.csv"),
         "--confusion-png", str(evaluation_dir / "confusion.png"),
         "--risk-coverage-csv", str(evaluation_dir / "risk_coverage.csv"),
         "--risk-coverage-png", str(evaluation_dir / "risk_coverage.png"),
@@ -304,7 +309,7 @@ def gate(evaluation_dir: Path, params_path: Path, model_base: str, decision_path
 
     model_name = yaml.safe_load(Path(params_path).read_text(encoding="utf-8"))["export"]["model_name"]
     argv = [
-        "--candidate", str(Path(evaluation_dir) / EVALUATE_METRICS), "--champion", str(Path(model_base) / model_name),
+        "--candidate", str(Path(evaluation_dir) / EVALUATE_REPORT), "--champion", str(Path(model_base) / model_name),
         "--params", str(params_path), "--output", str(decision_path),
     ]  # fmt: skip
     run_step(step.main, argv)
@@ -321,7 +326,7 @@ def export(model_dir: Path, splits_dir: Path, data_dir: Path, decision_path: Pat
         metrics_path = Path(scratch) / "export.json"
         argv = [
             "--model", str(Path(model_dir) / MODEL_FILE), "--class-names", str(Path(splits_dir) / "class_names.json"),
-            "--gate", str(decision_path), "--evaluation", str(Path(evaluation_dir) / EVALUATE_METRICS),
+            "--gate", str(decision_path), "--evaluation", str(Path(evaluation_dir) / EVALUATE_REPORT),
             "--samples", str(Path(splits_dir) / "test.csv"), "--images", str(Path(data_dir) / "images"),
             "--params", str(params_path), "--output", str(candidate_dir), "--metrics", str(metrics_path),
         ]  # fmt: skip

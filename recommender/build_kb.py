@@ -6,7 +6,12 @@ and exact duplicate rows. Brands come from product names; specs are typed (bool,
 a few are derived so that preferences work across categories (wireless, total_gb, pixels, ...).
 Each product gets its value for money against its category here, once, for the ranking to sort by.
 
-    python -m recommender.build_kb --catalog data/catalog --output artifacts/kb/productlens.db --metrics ...
+    python -m recommender.build_kb --catalog data/catalog --output artifacts/kb/productlens.db --metrics ... \
+        --report ...
+
+The build record (rows, products and skips per category, skip reasons with examples) is stored in the
+KB's kb_info table, where `productlens kb info` reads it, and written to `--report`; `--metrics` gets
+three totals for DVC.
 """
 
 from __future__ import annotations
@@ -102,9 +107,18 @@ class BuildReport:
             total.update(table.skipped)
         return total
 
-    def metrics(self) -> dict[str, Any]:
+    @property
+    def rows_read(self) -> int:
+        return sum(t.rows for t in self.tables.values())
+
+    def headline_metrics(self) -> dict[str, Any]:
+        """The DVC metrics of a build: products loaded, rows skipped, rows read."""
+        return {"products": self.loaded, "skipped": sum(self.skipped.values()), "rows_read": self.rows_read}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The whole build record: totals, skips by reason, the catalog's digest and each category's counts."""
         return {
-            "rows_read": sum(t.rows for t in self.tables.values()),
+            "rows_read": self.rows_read,
             "products": self.loaded,
             "skipped": sum(self.skipped.values()),
             "skipped_by_reason": dict(sorted(self.skipped.items())),
@@ -309,7 +323,7 @@ def build_kb(catalog_dir: Path, params: RecommenderParams, required_columns: lis
             insert(ClassCategory),
             [{"class_name": k, "category": v} for k, v in sorted(params.class_to_category.items())],
         )
-        conn.execute(insert(KbInfo), [{"key": k, "value": v} for k, v in report.metrics().items()])
+        conn.execute(insert(KbInfo), [{"key": k, "value": v} for k, v in report.to_dict().items()])
         create_name_search(conn)
     return report
 
@@ -358,7 +372,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--output", type=Path, help="SQLite file to (re)build, e.g. artifacts/kb/productlens.db")
     parser.add_argument("--db-url", help="load into this database instead (e.g. postgresql+psycopg://...)")
-    parser.add_argument("--metrics", type=Path, required=True, help="JSON with row counts and skipped rows by reason")
+    parser.add_argument("--metrics", type=Path, required=True, help="output: products, skipped and read rows (DVC)")
+    parser.add_argument(
+        "--report", type=Path, default=None, help="output: the build record (per category, skip reasons, examples)"
+    )
     args = parser.parse_args(argv)
     if bool(args.output) == bool(args.db_url):
         parser.error("give exactly one of --output (SQLite file) and --db-url")
@@ -378,7 +395,9 @@ def main(argv: list[str] | None = None) -> int:
             report = build_kb(args.catalog, params, required, engine)
         finally:
             engine.dispose()
-    atomic_write_json(args.metrics, report.metrics())
+    if args.report is not None:
+        atomic_write_json(args.report, report.to_dict())
+    atomic_write_json(args.metrics, report.headline_metrics())
     print(summary(report))
     return 0
 

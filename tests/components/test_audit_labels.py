@@ -56,17 +56,17 @@ def splits(tmp_path_factory) -> tuple[Path, Path, set[str]]:
 def test_flipped_labels_are_the_top_label_issues(splits: tuple[Path, Path, set[str]]) -> None:
     splits_dir, images_root, flipped = splits
     frame = audit_labels.load_split_frames(splits_dir)
-    table, metrics = audit(frame, images_root, CLASSES, PARAMS, MobileNetParams(**MOBILENET_035), cache_path=None)
+    table, report = audit(frame, images_root, CLASSES, PARAMS, MobileNetParams(**MOBILENET_035), cache_path=None)
     label_issues = table[table["issue_type"] == "label"].sort_values("label_quality")
     top = set(label_issues["sha256"].head(2 * FLIPPED))
     assert len(flipped & top) >= FLIPPED - 1, label_issues.head(2 * FLIPPED)
-    assert metrics["issues"]["label"] >= FLIPPED - 1
+    assert report["issues"]["label"] >= FLIPPED - 1
     flipped_rows = label_issues[label_issues["sha256"].isin(flipped)]
     # The suggestion is the class the picture shows: the one before the flip.
     assert (flipped_rows["suggested_label"] != flipped_rows["given_label"]).all()
 
 
-def test_cli_writes_issues_metrics_and_a_feature_cache_it_reuses(
+def test_cli_writes_issues_metrics_report_and_a_feature_cache_it_reuses(
     splits: tuple[Path, Path, set[str]], tmp_path: Path
 ) -> None:
     splits_dir, images_root, _ = splits
@@ -77,13 +77,21 @@ def test_cli_writes_issues_metrics_and_a_feature_cache_it_reuses(
     cache = tmp_path / "features.npz"
     argv = ["--splits", str(splits_dir), "--images", str(images_root), "--params", str(params),
             "--feature-cache", str(cache), "--issues", str(tmp_path / "issues.csv"),
-            "--metrics", str(tmp_path / "audit.json")]  # fmt: skip
+            "--metrics", str(tmp_path / "audit.json"), "--report", str(tmp_path / "report" / "audit.json")]  # fmt: skip
     assert audit_labels.main(argv) == 0
     issues = pd.read_csv(tmp_path / "issues.csv")
     assert list(issues.columns) == audit_labels.ISSUE_COLUMNS
     assert set(issues["issue_type"]) <= set(audit_labels.ISSUE_TYPES)
+    report = json.loads((tmp_path / "report" / "audit.json").read_text())
+    assert report["n_images"] == len(CLASSES) * PER_CLASS
+    assert set(report["label_issues_per_split"]) == {"train", "val", "test"}
+    # The DVC metrics: a few scalars that add up to the issue table.
     metrics = json.loads((tmp_path / "audit.json").read_text())
-    assert metrics["n_images"] == len(CLASSES) * PER_CLASS
+    assert list(metrics) == [
+        "out_of_fold_accuracy", "label_issues", "outliers", "near_duplicates", "issues_not_reviewed", "seconds"
+    ]  # fmt: skip
+    assert metrics["label_issues"] + metrics["outliers"] + metrics["near_duplicates"] == len(issues)
+    assert metrics["issues_not_reviewed"] == int((~issues["reviewed"]).sum())
     key = audit_labels.feature_key(PARAMS, MobileNetParams(**MOBILENET_035))
     cached = audit_labels.read_feature_cache(cache, key)
     assert len(cached) == len(CLASSES) * PER_CLASS

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from common.data import read_split
 from components import evaluate
@@ -161,6 +162,8 @@ def test_confusion_png_and_dvc_plot_both_put_actual_on_rows() -> None:
 def run_cli(model_path: Path, splits: Path, images: Path, out: Path) -> dict[str, Path]:
     paths = {
         "metrics": out / "m" / "evaluate.json",
+        "report": out / "r" / "evaluate.json",
+        "per_class_csv": out / "p" / "per_class.csv",
         "confusion_csv": out / "p" / "confusion.csv",
         "confusion_png": out / "p" / "confusion.png",
         "risk_csv": out / "p" / "risk_coverage.csv",
@@ -168,6 +171,7 @@ def run_cli(model_path: Path, splits: Path, images: Path, out: Path) -> dict[str
     }
     argv = ["--model", str(model_path), "--splits", str(splits), "--images", str(images),
             "--params", str(REPO_ROOT / "params.yaml"), "--metrics", str(paths["metrics"]),
+            "--report", str(paths["report"]), "--per-class-csv", str(paths["per_class_csv"]),
             "--confusion-csv", str(paths["confusion_csv"]), "--confusion-png", str(paths["confusion_png"]),
             "--risk-coverage-csv", str(paths["risk_csv"]), "--risk-coverage-png", str(paths["risk_png"])]  # fmt: skip
     assert evaluate.main(argv) == 0
@@ -185,7 +189,7 @@ def test_cli_writes_metrics_confusion_matrix_and_risk_coverage(
     saved_model: Path, separable_model, synthetic_data: SyntheticData, tmp_path: Path
 ) -> None:
     paths = run_cli(saved_model, synthetic_data.splits, synthetic_data.images, tmp_path)
-    written = json.loads(paths["metrics"].read_text())
+    written = json.loads(paths["report"].read_text())
     test_rows = pd.read_csv(synthetic_data.splits / "test.csv")
     assert written["split"] == "test" and written["images"] == len(test_rows)
     assert set(written["per_class"]) == set(synthetic_data.class_names)
@@ -237,7 +241,7 @@ def test_cli_reports_original_labels_when_test_original_exists(
     original = pd.concat([original, excluded], ignore_index=True)
     original.to_csv(splits / "test_original.csv", index=False)
 
-    written = json.loads(run_cli(saved_model, splits, synthetic_data.images, tmp_path)["metrics"].read_text())
+    written = json.loads(run_cli(saved_model, splits, synthetic_data.images, tmp_path)["report"].read_text())
     section = written["original_labels"]
     assert section["labels_file"] == "test_original.csv" and section["images"] == len(original)
     assert sum(c["support"] for c in section["per_class"].values()) == len(original)
@@ -253,3 +257,25 @@ def test_cli_reports_original_labels_when_test_original_exists(
     assert section["selective"]["images"] == len(original)
     # The primary (top-level) figures stay those of the reviewed test.csv: what the gate reads.
     assert written["images"] == len(reviewed)
+
+
+def test_cli_metrics_are_the_headline_scalars_and_per_class_figures_go_to_report_and_plot(
+    saved_model: Path, synthetic_data: SyntheticData, tmp_path: Path
+) -> None:
+    """`dvc metrics show` / `dvc exp show` print metrics/evaluate.json as columns in key order: a handful of
+    scalars, accuracy and macro F1 first; the per-class table is in the report and the bar-plot CSV."""
+    paths = run_cli(saved_model, synthetic_data.splits, synthetic_data.images, tmp_path)
+    metrics = json.loads(paths["metrics"].read_text())
+    report = json.loads(paths["report"].read_text())
+    assert list(metrics)[:2] == ["accuracy", "macro_f1"]
+    compared = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())["retrain_check"]["metrics"]
+    assert {n.partition(":")[2] for n in compared if n.startswith("metrics/evaluate.json:")} <= set(metrics)
+    assert len(metrics) <= 10 and not any(isinstance(v, dict | list) for v in metrics.values()), metrics
+    assert {k: report[k] for k in metrics if k in report} == {k: v for k, v in metrics.items() if k in report}
+    assert metrics["selective_accuracy"] == report["selective"]["test"]["selective_accuracy"]
+    assert metrics["coverage"] == report["selective"]["test"]["coverage"]
+    per_class = pd.read_csv(paths["per_class_csv"])
+    assert list(per_class.columns) == ["class", "recall", "precision", "f1", "support"]
+    assert list(per_class["class"]) == synthetic_data.class_names
+    for row in per_class.to_dict("records"):
+        assert {k: row[k] for k in ("recall", "precision", "f1", "support")} == report["per_class"][row["class"]]

@@ -12,6 +12,7 @@ import yaml
 from components import preprocess
 from components.preprocess import PreprocessParams, make_splits
 from components.validate import build_manifest
+from tests.conftest import REPO_ROOT
 from tests.fixtures.images import write_dataset
 
 CLASSES = ["cables", "gpu", "keyboard", "mouse"]
@@ -68,7 +69,7 @@ def test_cli_writes_split_files_and_class_names(manifest: pd.DataFrame, tmp_path
     out = tmp_path / "splits"
     exit_code = preprocess.main(
         ["--manifest", str(manifest_csv), "--params", str(params_file), "--output", str(out),
-         "--metrics", str(tmp_path / "preprocess.json")]
+         "--metrics", str(tmp_path / "preprocess.json"), "--report", str(tmp_path / "report" / "preprocess.json")]
     )  # fmt: skip
     assert exit_code == 0
     assert json.loads((out / "class_names.json").read_text()) == sorted(CLASSES)
@@ -77,7 +78,15 @@ def test_cli_writes_split_files_and_class_names(manifest: pd.DataFrame, tmp_path
     assert list(pd.read_csv(out / "train.csv").columns) == [
         "path", "class_name", "label", "sha256", "given_class_name", "review"
     ]  # fmt: skip
-    assert json.loads((tmp_path / "preprocess.json").read_text())["split_sizes"] == sizes
+    assert json.loads((tmp_path / "report" / "preprocess.json").read_text())["split_sizes"] == sizes
+    # The DVC metrics: a few scalars, one column each in `dvc metrics show`; retrain-check compares the sizes.
+    metrics = json.loads((tmp_path / "preprocess.json").read_text())
+    compared = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())["retrain_check"]["metrics"]
+    assert {n.partition(":")[2] for n in compared if n.startswith("metrics/preprocess.json:")} <= set(metrics)
+    assert metrics == {
+        "train_images": sizes["train"], "val_images": sizes["val"], "test_images": sizes["test"],
+        "relabelled": 0, "excluded": 0,
+    }  # fmt: skip
 
 
 def test_bad_fractions_are_refused() -> None:
@@ -118,7 +127,7 @@ def test_reviews_relabel_and_exclude_without_moving_any_image_across_splits(mani
     )
 
 
-def test_review_counts_reach_the_metrics(manifest: pd.DataFrame, tmp_path: Path) -> None:
+def test_review_counts_reach_the_metrics_and_the_report(manifest: pd.DataFrame, tmp_path: Path) -> None:
     train_images = make_splits(manifest, PARAMS).splits["train"]
     first, second, third = (train_images.iloc[i] for i in range(3))
     other = next(c for c in CLASSES if c != second["class_name"])
@@ -132,9 +141,12 @@ def test_review_counts_reach_the_metrics(manifest: pd.DataFrame, tmp_path: Path)
     params_file.write_text(yaml.safe_dump({"preprocess": PARAMS.__dict__}))
     assert preprocess.main(
         ["--manifest", str(manifest_csv), "--params", str(params_file), "--reviews", str(reviews_csv),
-         "--output", str(tmp_path / "splits"), "--metrics", str(tmp_path / "preprocess.json")]
+         "--output", str(tmp_path / "splits"), "--metrics", str(tmp_path / "preprocess.json"),
+         "--report", str(tmp_path / "report.json")]
     ) == 0  # fmt: skip
-    reviews = json.loads((tmp_path / "preprocess.json").read_text())["reviews"]
+    metrics = json.loads((tmp_path / "preprocess.json").read_text())
+    assert (metrics["relabelled"], metrics["excluded"]) == (1, 1)
+    reviews = json.loads((tmp_path / "report.json").read_text())["reviews"]
     assert (reviews["reviewed"], reviews["confirmed"], reviews["relabelled"]) == (3, 1, 1)
     assert reviews["exclude_not_product"] == 1 and reviews["exclude_ambiguous"] == 0
     assert reviews["reviewed_per_split"]["train"] == 3

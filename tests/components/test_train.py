@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from common.data import read_split
 from common.params import ParamsError
@@ -34,17 +35,23 @@ def test_same_data_params_and_seed_give_identical_metrics(synthetic_data: Synthe
 def test_training_does_not_depend_on_the_python_hash_seed(separable_training, synthetic_data, tmp_path: Path) -> None:
     # `dvc repro` outside make sets no PYTHONHASHSEED: the CLI under another seed must train the same weights.
     params = write_params(tmp_path / "params.yaml")
-    model, metrics = tmp_path / "model.keras", tmp_path / "train.json"
+    model, metrics, report = tmp_path / "model.keras", tmp_path / "train.json", tmp_path / "report" / "train.json"
     hash_seed = "1" if os.environ.get("PYTHONHASHSEED") == "2" else "2"
     subprocess.run(
         [sys.executable, "-m", "components.train", "--splits", str(synthetic_data.splits),
          "--images", str(synthetic_data.images), "--params", str(params), "--model", str(model),
-         "--metrics", str(metrics)],
+         "--metrics", str(metrics), "--report", str(report)],
         cwd=REPO_ROOT, env={**os.environ, "PYTHONHASHSEED": hash_seed}, check=True, capture_output=True,
     )  # fmt: skip
     import keras
 
-    assert json.loads(metrics.read_text())["val_loss"] == separable_training.metrics["val_loss"]
+    written = json.loads(metrics.read_text())
+    assert written["val_loss"] == separable_training.metrics["val_loss"]
+    # DVC metrics: the headline scalars; the phases and temperatures are in the report.
+    assert list(written) == ["val_accuracy", "val_loss", "epochs_run", "train_seconds", "peak_rss_mb"]
+    compared = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())["retrain_check"]["metrics"]
+    assert {n.partition(":")[2] for n in compared if n.startswith("metrics/train.json:")} <= set(written)
+    assert set(json.loads(report.read_text())) >= {"architecture", "phases", "temperatures", *written}
     trained = keras.models.load_model(model, compile=False).get_weights()
     for a, b in zip(separable_training.model.get_weights(), trained, strict=True):
         np.testing.assert_array_equal(a, b)

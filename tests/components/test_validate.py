@@ -55,9 +55,9 @@ def the_failure(failures: list[str], words: str) -> str:
 
 
 def test_clean_dataset_passes(dataset: Path) -> None:
-    manifest, report, metrics = validate_dataset(dataset, dataset.parent / "catalog", small_params())
+    manifest, report, summary = validate_dataset(dataset, dataset.parent / "catalog", small_params())
     assert report.success, [o.sentence() for o in report.failures]
-    assert metrics["n_images"] == 12 and metrics["n_classes"] == 3
+    assert summary["n_images"] == 12 and summary["n_classes"] == 3
     assert set(manifest.columns) >= {"path", "class_name", "bytes", "sha256", "format", "width", "height", "mode"}
     assert manifest["decodes"].all()
 
@@ -82,6 +82,13 @@ def test_paper_split_layout_is_rejected_with_an_explanation(tmp_path: Path, caps
     message = the_failure(capsys.readouterr().err.splitlines(), "look like a train/test/validation split")
     assert "Train Data" in message and "images/<class>/<file>" in message
     assert (tmp_path / "out" / "report" / "data_docs" / "index.html").exists()
+    # The metrics say it failed and how often; the report's summary names each expectation.
+    metrics = json.loads((tmp_path / "out" / "validate.json").read_text())
+    summary = json.loads((tmp_path / "out" / "report" / validate.SUMMARY_FILE).read_text())
+    assert metrics["success"] is False and metrics["failed_expectations"] == sum(
+        not e["success"] for e in summary["expectations"]
+    )
+    assert any(not e["success"] and "train/test/validation split" in e["fails_when"] for e in summary["expectations"])
 
 
 def test_truncated_jpeg_is_named(dataset: Path) -> None:
@@ -159,10 +166,10 @@ def test_same_image_in_two_classes_is_a_label_conflict(dataset: Path) -> None:
 
 def test_duplicate_within_a_class_is_reported_not_failed(dataset: Path) -> None:
     shutil.copy(dataset / "mouse" / "mouse_0000.jpg", dataset / "mouse" / "again.jpg")
-    _, report, metrics = validate_dataset(dataset, dataset.parent / "catalog", small_params())
+    _, report, summary = validate_dataset(dataset, dataset.parent / "catalog", small_params())
     assert report.success
-    assert metrics["duplicates_within_class"] == 1
-    assert metrics["duplicate_examples"] == ["mouse/mouse_0000.jpg"]
+    assert summary["duplicates_within_class"] == 1
+    assert summary["duplicate_examples"] == ["mouse/mouse_0000.jpg"]
 
 
 def test_stray_file_outside_class_folders_is_named(dataset: Path) -> None:
@@ -203,8 +210,15 @@ def test_dataset_v1_passes_validation(tmp_path: Path) -> None:
     )  # fmt: skip
     metrics = json.loads((tmp_path / "validate.json").read_text())
     assert exit_code == 0
-    assert metrics["n_images"] == 2632 and metrics["n_classes"] == 14
-    assert sum(metrics["catalog_rows"].values()) > 50_000
+    # DVC metrics: one row of a few scalars in `dvc metrics show`; the tables are in the report's summary.
+    assert metrics == {
+        "success": True, "failed_expectations": 0, "n_images": 2632, "n_classes": 14, "duplicates_within_class": 0
+    }  # fmt: skip
+    compared = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())["retrain_check"]["metrics"]
+    assert {n.partition(":")[2] for n in compared if n.startswith("metrics/validate.json:")} <= set(metrics)
+    summary = json.loads((tmp_path / "report" / validate.SUMMARY_FILE).read_text())
+    assert sum(summary["per_class"].values()) == 2632
+    assert sum(summary["catalog_rows"].values()) > 50_000
 
 
 def test_review_of_a_missing_image_fails_naming_the_row(dataset: Path) -> None:

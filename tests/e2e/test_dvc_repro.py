@@ -93,7 +93,7 @@ def test_repro_runs_every_stage_and_ends_with_a_validated_candidate_publishing_n
     candidate = project / "artifacts" / "export" / "candidate"
     assert (candidate / "saved_model.pb").is_file()
     card = json.loads((candidate / MODEL_CARD_FILE).read_text())
-    assert card["evaluation"] == json.loads((project / "metrics" / "evaluate.json").read_text())
+    assert card["evaluation"] == json.loads((project / "reports" / "evaluate" / "evaluate.json").read_text())
     blessing = json.loads((project / "artifacts" / "infra_validate" / "blessing.json").read_text())
     assert blessing["blessed"] and blessing["candidate"]["weights_sha256"] == card["weights_sha256"]
     assert served_versions(project) == []  # experiments and repro never touch serving: publishing is its own step

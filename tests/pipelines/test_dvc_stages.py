@@ -1,9 +1,15 @@
-"""dvc.yaml and params.yaml agree with the code: each stage runs its own module, reads keys that exist."""
+"""dvc.yaml and params.yaml agree with the code: each stage runs its own module, reads keys that exist; the
+metrics files are ones git commits, so `dvc metrics diff` reads them at HEAD."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
 import shlex
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -112,3 +118,61 @@ def test_every_input_path_of_the_command_is_a_dependency(name):
         if not any(Path(value).is_relative_to(d) for d in deps) and (name, value) not in READ_WITHOUT_DEP
     ]  # fmt: skip
     assert not undeclared, f"stage {name} reads {undeclared} without listing them in deps"
+
+
+def declared_metrics() -> list[str]:
+    """Every metrics file dvc.yaml declares: the top-level list and any stage's `metrics:`."""
+    stage_metrics = [path for stage in STAGES.values() for path in entry_paths(stage.get("metrics"))]
+    return entry_paths(DVC_YAML.get("metrics")) + stage_metrics
+
+
+def out_options(path: str) -> dict[str, Any] | None:
+    """The options of the stage output `path` (an out or a stage metric), None when no stage writes it."""
+    for stage in STAGES.values():
+        for entry in (stage.get("outs") or []) + (stage.get("metrics") or []):
+            if entry == path:
+                return {}
+            if isinstance(entry, dict) and path in entry:
+                return entry[path] or {}
+    return None
+
+
+def test_every_metrics_file_is_written_by_a_stage_and_kept_in_git_not_in_dvc_cache() -> None:
+    for path in declared_metrics():
+        options = out_options(path)
+        assert options is not None, f"{path} is a metrics file no stage writes"
+        # A cached metric is restored only from a DVC cache: on a fresh clone `dvc metrics diff` could not read it.
+        assert options.get("cache") is False, f"{path}: metrics must be `cache: false` (committed in git)"
+
+
+def test_the_model_metrics_come_first() -> None:
+    """`dvc metrics show/diff` and `dvc exp show` print metrics files in the order dvc.yaml lists them."""
+    assert declared_metrics()[:2] == ["metrics/evaluate.json", "metrics/train.json"]
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_dvc_metrics_diff_reads_every_metrics_file_at_head(tmp_path: Path) -> None:
+    """In a git repo with this dvc.yaml and .gitignore, metrics committed at HEAD and changed in the workspace:
+    `dvc metrics diff` loads every file at both revisions (a git-ignored one, e.g. under artifacts/, fails at HEAD)."""
+    for name in ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore"):
+        shutil.copy2(REPO_ROOT / name, tmp_path / name)
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "GIT_CONFIG_GLOBAL": os.devnull}
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost", "-c", "commit.gpgsign=false"]
+
+    def run(*command: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, check=True)
+
+    run("git", "init", "-q")
+    run(sys.executable, "-m", "dvc", "init", "-q")
+    for value in (0.5, 0.75):  # committed, then the workspace
+        for path in declared_metrics():
+            (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / path).write_text(json.dumps({"accuracy": value}), encoding="utf-8")
+        if value == 0.5:
+            run("git", "add", "-A")
+            run(*git, "commit", "-q", "-m", "metrics")
+    diff = run(sys.executable, "-m", "dvc", "metrics", "diff", "HEAD", "--json")
+    assert "failed to load" not in diff.stderr, diff.stderr
+    changed = json.loads(diff.stdout)
+    assert sorted(changed) == sorted(declared_metrics())
+    assert all(metrics["accuracy"]["old"] == 0.5 for metrics in changed.values()), changed

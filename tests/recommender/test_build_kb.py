@@ -28,15 +28,21 @@ V1_DUPLICATES = {
 
 
 def test_real_catalog_loads_every_row_or_counts_it_skipped_with_reason(real_kb: BuiltKb) -> None:
-    db, metrics = real_kb.path, real_kb.metrics
-    categories = metrics["categories"]
+    db = real_kb.path
+    engine = kb.make_engine(kb.sqlite_url(db))
+    with engine.connect() as conn:
+        record = kb.kb_info(conn)  # the build record `productlens kb info` reads
+    engine.dispose()
+    categories = record["categories"]
     assert {name: c["rows"] for name, c in categories.items()} == V1_ROWS
     for name, counts in categories.items():
         assert counts["loaded"] + counts["skipped"] == counts["rows"], name
         assert counts["skipped_by_reason"] == (
             {build_kb.DUPLICATE_REASON: V1_DUPLICATES[name]} if V1_DUPLICATES[name] else {}
         )
-    assert metrics["products"] == sum(V1_ROWS.values()) - sum(V1_DUPLICATES.values()) == 52560
+    assert record["products"] == sum(V1_ROWS.values()) - sum(V1_DUPLICATES.values()) == 52560
+    # The DVC metrics: three totals.
+    assert real_kb.metrics == {"products": 52560, "skipped": sum(V1_DUPLICATES.values()), "rows_read": 55178}
     with sqlite3.connect(db) as conn:
         per_category = dict(conn.execute("SELECT category, count(*) FROM products GROUP BY category"))
         unpriced_within = conn.execute(
@@ -68,12 +74,15 @@ def test_real_catalog_search_brands_and_class_mapping(real_kb: BuiltKb) -> None:
 def test_bad_rows_are_skipped_and_counted_by_reason(tmp_path: Path) -> None:
     catalog = write_catalog(tmp_path / "catalog")
     params = write_params(tmp_path / "params.yaml", REPO_ROOT / "params.yaml")
-    db, metrics_path = tmp_path / "kb" / "productlens.db", tmp_path / "metrics.json"
+    db, report_path = tmp_path / "kb" / "productlens.db", tmp_path / "report" / "build_kb.json"
     assert build_kb.main(["--catalog", str(catalog), "--params", str(params), "--output", str(db),
-                          "--metrics", str(metrics_path)]) == 0  # fmt: skip
-    metrics = json.loads(metrics_path.read_text())
-    mouse = metrics["categories"]["mouse"]
-    assert {name: c["skipped"] for name, c in metrics["categories"].items()} == SMALL_CATALOG_SKIPPED
+                          "--metrics", str(tmp_path / "metrics.json"), "--report", str(report_path)]) == 0  # fmt: skip
+    report = json.loads(report_path.read_text())
+    mouse = report["categories"]["mouse"]
+    assert {name: c["skipped"] for name, c in report["categories"].items()} == SMALL_CATALOG_SKIPPED
+    assert json.loads((tmp_path / "metrics.json").read_text()) == {
+        "products": report["products"], "skipped": sum(SMALL_CATALOG_SKIPPED.values()), "rows_read": report["rows_read"]
+    }  # fmt: skip
     assert mouse["skipped_by_reason"] == {
         build_kb.DUPLICATE_REASON: 1,
         "product name is empty": 1,

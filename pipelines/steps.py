@@ -366,3 +366,33 @@ def publish(candidate_dir: Path, decision_path: Path, blessing_path: Path, data_
     ]  # fmt: skip
     run_step(step.main, argv)
     return read_json(report_path)
+
+
+def monitor(prediction_logs: str, splits_dir: Path, data_dir: Path, evaluation_dir: Path, params_path: Path,
+            baseline_path: Path, metrics_artifact: Any, report_path: Path) -> bool:  # fmt: skip
+    """components.monitor: the prediction logs in the folder `prediction_logs` (empty: none logged yet) against this
+    run's training split and evaluation, the baseline written to `baseline_path`; returns whether they drifted.
+
+    Drift is the step's result, as the gate's decision is, not a failed task: a failed task stops the run's other
+    branches (Argo fails a DAG fast), and a training run must not stop because the traffic moved."""
+    from components import monitor as step
+
+    with tempfile.TemporaryDirectory(prefix="monitor-") as scratch:
+        logs = Path(prediction_logs) if prediction_logs else Path(scratch) / "no-logs"
+        if not prediction_logs:
+            logs.mkdir()  # nothing logged yet: the check reports no traffic and passes
+        metrics_path = Path(scratch) / "monitor.json"
+        evaluation_dir = Path(evaluation_dir)
+        argv = [
+            "--logs", str(logs), "--splits", str(splits_dir), "--images", str(Path(data_dir) / "images"),
+            "--evaluation", str(evaluation_dir / EVALUATE_METRICS),
+            "--confusion-csv", str(evaluation_dir / "confusion.csv"),
+            "--risk-coverage-csv", str(evaluation_dir / "risk_coverage.csv"), "--params", str(params_path),
+            "--baseline-out", str(baseline_path), "--metrics", str(metrics_path), "--report", str(report_path),
+        ]  # fmt: skip
+        log.info("running %s %s", step.main.__module__, " ".join(argv))
+        code = step.main(argv)
+        if code not in (0, step.DRIFT_EXIT_CODE):
+            raise StepFailed(f"python -m {step.main.__module__} exited with {code}")
+        metrics = log_metrics_file(metrics_artifact, metrics_path)
+    return bool(metrics["drift"])

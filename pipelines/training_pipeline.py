@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kfp import compiler, dsl, kubernetes
-from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Metrics, Model, Output
+from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Markdown, Metrics, Model, Output
 
 from common.cli import run_main
 
@@ -66,6 +66,8 @@ RESOURCES: dict[str, StepResources] = {
     # infra-validate holds the Keras model and a model-server process with the candidate.
     "infra-validate": StepResources(cpu_request="1", cpu_limit="2", memory_request="3Gi", memory_limit="6Gi"),
     "publish": StepResources(cpu_request="250m", cpu_limit="1", memory_request="512Mi", memory_limit="1Gi"),
+    # monitor decodes every training photo (and every logged one) for its statistics; TensorFlow reads the answers.
+    "monitor": StepResources(cpu_request="500m", cpu_limit="1", memory_request="1Gi", memory_limit="3Gi"),
 }
 
 
@@ -238,7 +240,32 @@ def publish(
     publication.metadata.update({key: report[key] for key in ("published", "model_name", "version", "path")})
 
 
-COMPONENT_FUNCTIONS = (fetch_data, validate, preprocess, train, evaluate, gate, export, infra_validate, publish)
+def monitor(
+    data: Input[Dataset],
+    splits: Input[Dataset],
+    evaluation: Input[Artifact],
+    params: Input[Artifact],
+    prediction_logs: str,
+    monitor_baseline: Output[Artifact],
+    monitor_metrics: Output[Metrics],
+    drift_report: Output[Markdown],
+) -> bool:
+    """Drift check of the prediction logs in the folder `prediction_logs` ("" = none yet) against this run's training
+    data and evaluation (python -m components.monitor). Returns whether they drifted: drift is reported (metrics,
+    report, Output), never a failed task, so it cannot stop the gate's branch."""
+    from pipelines import steps
+
+    drifted = steps.monitor(
+        prediction_logs, splits.path, data.path, evaluation.path, params.path, monitor_baseline.path,
+        monitor_metrics, drift_report.path,
+    )  # fmt: skip
+    drift_report.metadata["drift"] = drifted
+    return drifted
+
+
+COMPONENT_FUNCTIONS = (
+    fetch_data, validate, preprocess, train, evaluate, gate, export, infra_validate, publish, monitor
+)  # fmt: skip
 
 
 # --------------------------------------------------------------------------- pipeline
@@ -273,7 +300,7 @@ def create_pipeline(image_repository: str = DEFAULT_IMAGE_REPOSITORY, image_tag:
     @dsl.pipeline(
         name=PIPELINE_NAME,
         description="validate -> preprocess -> train -> evaluate -> gate -> export -> infra_validate -> publish "
-        "(the last three only when the gate blesses)",
+        "(the last three only when the gate blesses); monitor (the drift check of prediction_logs) beside the gate",
     )
     def training_pipeline(
         data_location: str = DEFAULT_DATA_LOCATION,
@@ -284,13 +311,15 @@ def create_pipeline(image_repository: str = DEFAULT_IMAGE_REPOSITORY, image_tag:
         weights_pvc: str = WEIGHTS_VOLUME.default_claim,
         data_pvc: str = DATA_VOLUME.default_claim,
         models_pvc: str = MODELS_VOLUME.default_claim,
+        prediction_logs: str = "",
     ):
         """data_location: folder with images/ + catalog/ (the data claim is mounted at the default), or a DVC
         repository (Git URL/path) read at data_revision. params_overrides: dotted params.yaml keys, e.g.
         {"train.epochs": 4}. component_image: the component image (registry/repository:tag) every step runs in.
         model_base: the serving base path gate reads the champion from and publish writes versions to (the
         models claim is mounted at the default). weights_pvc, data_pvc, models_pvc: the claims mounted at
-        /shared (train), /data/productlens (fetch-data) and /models (gate, publish)."""
+        /shared (train), /data/productlens (fetch-data) and /models (gate, publish). prediction_logs: a folder of the
+        model server's prediction logs that the monitor step checks against this run's data ("" = none yet)."""
         claims = {"weights_pvc": weights_pvc, "data_pvc": data_pvc, "models_pvc": models_pvc}
 
         def step(name: str, **inputs) -> dsl.PipelineTask:
@@ -316,6 +345,16 @@ def create_pipeline(image_repository: str = DEFAULT_IMAGE_REPOSITORY, image_tag:
         # The gate reads the champion exported under model_base: never reuse a cached decision.
         decided = step("gate", evaluation=evaluated.outputs["evaluation"], params=params, model_base=model_base)
         decided.set_caching_options(enable_caching=False)
+        # Beside the gate: drift is the step's result, not a failure, and never holds up the gate's branch.
+        monitored = step(
+            "monitor",
+            data=data,
+            splits=splits,
+            evaluation=evaluated.outputs["evaluation"],
+            params=params,
+            prediction_logs=prediction_logs,
+        )
+        monitored.set_caching_options(enable_caching=False)  # the logs change under the same folder name
         # The single return value (`Output`, not a named output): kfp.local resolves only that form in conditions.
         with dsl.If(decided.outputs["Output"] == True, name="gate-blessed"):  # noqa: E712 (a KFP condition, not Python)
             exported = step(

@@ -104,6 +104,17 @@ retrain-check: pull ## Retrain with the committed params (validate..gate, no exp
 kb: pull ## Build the product knowledge base (dvc repro build_kb: python -m recommender.build_kb -> artifacts/kb/productlens.db)
 	$(BIN)/dvc repro build_kb
 
+# The drift check outside DVC, on any folder of prediction logs, against the baseline `make repro` built (its monitor
+# stage); exits 1 with one line per drifted check. Writes reports/monitor/live.{json,md}, never DVC's outputs.
+LOGS ?=
+MONITOR_BASELINE := artifacts/monitor/baseline.json
+.PHONY: monitor
+monitor: setup ## Drift check of prediction logs vs the training data and evaluation: make monitor LOGS=<folder or prefix>
+	@test -n "$(LOGS)" || { echo "usage: make monitor LOGS=<folder of prediction log files, or their filename prefix>" >&2; exit 2; }
+	@test -f $(MONITOR_BASELINE) || { echo "error: no $(MONITOR_BASELINE): run make repro first (its monitor stage builds the baseline)" >&2; exit 2; }
+	$(BIN)/python -m components.monitor --logs $(LOGS) --baseline $(MONITOR_BASELINE) --params params.yaml \
+		--metrics reports/monitor/live.json --report reports/monitor/live.md
+
 .PHONY: app
 app: HOST ?= 127.0.0.1
 app: setup ## Serve the recommender API + upload page on 127.0.0.1:8080 (HOST=0.0.0.0: every interface)

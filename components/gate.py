@@ -180,6 +180,17 @@ def gate_decision(candidate: dict[str, Any], champion: dict[str, Any] | None, pa
     }
 
 
+def gate_metrics(decision: dict[str, Any]) -> dict[str, Any]:
+    """The decision as DVC metrics: blessed or not, how many checks ran and failed (the reasons are in the record)."""
+    checks = decision["checks"]
+    return {
+        "blessed": bool(decision["blessed"]),
+        "checks": len(checks),
+        "failed_checks": sum(1 for check in checks if check["passed"] is False),
+        "champion": decision["champion"] is not None,
+    }
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m components.gate", description=__doc__.splitlines()[0])
     parser.add_argument("--candidate", type=Path, required=True, help="metrics JSON written by evaluate")
@@ -192,6 +203,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--output", type=Path, required=True, help="gate decision JSON")
+    parser.add_argument("--metrics", type=Path, default=None, help="the decision as DVC metrics (metrics/gate.json)")
     return parser.parse_args(argv)
 
 
@@ -205,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     log.info("champion: %s", record if record is not None else "none yet")
     decision = gate_decision(candidate, champion, params)
     atomic_write_json(args.output, decision)
+    if args.metrics is not None:
+        atomic_write_json(args.metrics, gate_metrics(decision))
     verdict = "BLESSED" if decision["blessed"] else "REFUSED"
     print(f"Gate: {verdict}")
     for reason in decision["reasons"]:

@@ -302,17 +302,22 @@ def evaluate(data_dir: Path, splits_dir: Path, model_dir: Path, params_path: Pat
     confusion_artifact.log_confusion_matrix(class_names, matrix)
 
 
-def gate(evaluation_dir: Path, params_path: Path, model_base: str, decision_path: Path) -> bool:
+def gate(evaluation_dir: Path, params_path: Path, model_base: str, decision_path: Path, metrics_artifact: Any) -> bool:
     """components.gate against the champion: the newest version exported under `model_base` (as in dvc.yaml,
-    the model folder is passed and the gate finds its newest model card); returns the decision."""
+    the model folder is passed and the gate finds its newest model card); returns the decision, whose summary
+    (blessed, checks, failed checks) also goes to the step's KFP Metrics."""
     from components import gate as step
 
     model_name = yaml.safe_load(Path(params_path).read_text(encoding="utf-8"))["export"]["model_name"]
-    argv = [
-        "--candidate", str(Path(evaluation_dir) / EVALUATE_REPORT), "--champion", str(Path(model_base) / model_name),
-        "--params", str(params_path), "--output", str(decision_path),
-    ]  # fmt: skip
-    run_step(step.main, argv)
+    with tempfile.TemporaryDirectory(prefix="gate-") as scratch:
+        metrics_path = Path(scratch) / "gate.json"
+        argv = [
+            "--candidate", str(Path(evaluation_dir) / EVALUATE_REPORT),
+            "--champion", str(Path(model_base) / model_name), "--params", str(params_path),
+            "--output", str(decision_path), "--metrics", str(metrics_path),
+        ]  # fmt: skip
+        run_step(step.main, argv)
+        log_metrics_file(metrics_artifact, metrics_path)
     return bool(read_json(decision_path)["blessed"])
 
 

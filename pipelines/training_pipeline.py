@@ -174,12 +174,13 @@ def gate(
     params: Input[Artifact],
     model_base: str,
     gate_decision: Output[Artifact],
+    gate_metrics: Output[Metrics],
 ) -> bool:
     """Bless or refuse the candidate against the floors and the exported champion (python -m components.gate).
     Returns the decision (the task's `Output`), which the export step's dsl.If reads."""
     from pipelines import steps
 
-    blessed = steps.gate(evaluation.path, params.path, model_base, gate_decision.path)
+    blessed = steps.gate(evaluation.path, params.path, model_base, gate_decision.path, gate_metrics)
     gate_decision.metadata["blessed"] = blessed
     return blessed
 

@@ -120,8 +120,9 @@ def test_cli_writes_the_decision_and_exits_0_when_refusing(tmp_path: Path, capsy
     card_dir.mkdir(parents=True)
     (card_dir / MODEL_CARD_FILE).write_text(json.dumps(published_card(GOOD)))
     output = tmp_path / "gate" / "gate.json"
+    summary = tmp_path / "metrics" / "gate.json"
     argv = ["--candidate", str(candidate), "--champion", str(tmp_path / "models" / "productlens"),
-            "--params", str(REPO_ROOT / "params.yaml"), "--output", str(output)]  # fmt: skip
+            "--params", str(REPO_ROOT / "params.yaml"), "--output", str(output), "--metrics", str(summary)]  # fmt: skip
     assert gate.main(argv) == 0
     decision = json.loads(output.read_text())
     assert set(decision) >= {"blessed", "reasons", "candidate", "champion", "thresholds"}
@@ -129,6 +130,14 @@ def test_cli_writes_the_decision_and_exits_0_when_refusing(tmp_path: Path, capsy
     assert decision["champion"]["accuracy"] == GOOD["accuracy"]
     assert "recall of class gpu 0.000" in " ".join(decision["reasons"])
     assert "Gate: REFUSED" in capsys.readouterr().out
+    failed = sum(1 for check in decision["checks"] if check["passed"] is False)
+    assert json.loads(summary.read_text()) == {
+        "blessed": False,
+        "checks": len(decision["checks"]),
+        "failed_checks": failed,
+        "champion": True,
+    }
+    assert failed >= 2  # accuracy and gpu's recall at least
 
 
 def test_majority_model_really_predicts_one_class(majority_model_probabilities: np.ndarray) -> None:

@@ -133,10 +133,10 @@ bench-recommender: setup ## Benchmark HTTP -> gRPC -> database at concurrency 1 
 
 .PHONY: serve
 serve: HOST ?= 127.0.0.1
-serve: setup ## Serve the latest export under models/ like TF Serving: gRPC 127.0.0.1:8500, REST :8501 (HOST=0.0.0.0: every interface)
+serve: setup ## Serve the latest export under models/ like TF Serving: gRPC 127.0.0.1:8500, REST :8501 + metrics (HOST=0.0.0.0: every interface)
 	@ls -d models/productlens/[0-9]* >/dev/null 2>&1 || echo "No version under models/productlens yet: run 'make repro' (the server waits and loads it when it appears)."
 	$(BIN)/python -m serving.server --host=$(HOST) --port=8500 --rest_api_port=8501 --model_config_file=serving/models.config \
-		--enable_batching --batching_parameters_file=serving/batching.config
+		--enable_batching --batching_parameters_file=serving/batching.config --monitoring_config_file=serving/monitoring.config
 
 .PHONY: review-sheets
 review-sheets: setup ## Blind review sheets of the unreviewed test images and the audit's flagged train/val images
@@ -148,6 +148,10 @@ review-sheets: setup ## Blind review sheets of the unreviewed test images and th
 .PHONY: bench-serving
 bench-serving: setup ## Benchmark in-process vs our server over gRPC/REST at concurrency 1/8/32, and a version swap under load
 	$(BIN)/python -m bench.serving
+
+.PHONY: bench-prediction-logging
+bench-prediction-logging: setup ## Benchmark gRPC throughput at concurrency 32 with prediction logging off and at rate 1.0, same run
+	$(BIN)/python -m bench.prediction_logging
 
 .PHONY: bench-train
 bench-train: setup ## Benchmark training on dataset v1: the paper CNN vs the default model, same run (~10 min on 2 cores)

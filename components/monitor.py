@@ -608,6 +608,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     params = load_section(MonitorParams, "monitor", args.params)
+    traffic, files = read_traffic(args.logs)  # first: a wrong folder fails before the baseline is built
     if args.baseline_out is not None:
         baseline = baseline_from_files(args, params.bins)
         atomic_write_json(args.baseline_out, baseline.to_dict())
@@ -617,7 +618,6 @@ def main(argv: list[str] | None = None) -> int:
         baseline = Baseline.from_dict(
             read_json(require_file(args.baseline, "monitor baseline", remedy)), str(args.baseline)
         )
-    traffic, files = read_traffic(args.logs)
     result = check_traffic(traffic, files, baseline, params)
     atomic_write_json(args.metrics, result.metrics())
     atomic_write_text(args.report, report_markdown(result, args.logs))

@@ -2,16 +2,35 @@
 
 What the KB builder (recommender.build_kb) writes and the queries in recommender.kb read. It knows nothing of
 ranking, so a change to how products are ranked does not rebuild the knowledge base.
+
+The `feedback` table (users' answers to "Is this a <class>?", recommender/feedback.py) has a metadata of its
+own, `FeedbackBase`: it is data the app collects, not something the build derives from the catalog, so
+`create_schema`'s drop_all never touches it and a KB rebuild in the same database keeps every answer.
 """
 
 from __future__ import annotations
 
 import os
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, Engine, Float, ForeignKey, Index, Integer, String, Text, create_engine, text
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Engine,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    create_engine,
+    inspect,
+    text,
+)
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 # The PostgreSQL document searched; the GIN index is on exactly this expression so queries use it.
@@ -80,6 +99,29 @@ class KbInfo(Base):
     value: Mapped[Any] = mapped_column(JSON)
 
 
+class FeedbackBase(DeclarativeBase):
+    """Tables the app writes while it serves: out of `Base.metadata`, so a KB rebuild neither drops nor empties them."""
+
+
+class Feedback(FeedbackBase):
+    """One user's answer to "Is this a <predicted_class>?": `user_class` (= predicted_class when confirmed).
+
+    The photo is in the feedback store under its sha256 (`image_file`, relative to the store's root). An answer
+    nominates the photo for blind review; it is not a label decision.
+    """
+
+    __tablename__ = "feedback"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    image_sha256: Mapped[str] = mapped_column(String(64), index=True)
+    image_file: Mapped[str] = mapped_column(String(128))  # "<sha256[:2]>/<sha256>.<ext>" in the feedback store
+    predicted_class: Mapped[str] = mapped_column(String(64))
+    user_class: Mapped[str] = mapped_column(String(64))
+    model_name: Mapped[str | None] = mapped_column(String(128))
+    model_version: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
 # --------------------------------------------------------------------------- engine
 
 
@@ -101,8 +143,19 @@ def make_engine(url: str | None = None) -> Engine:
 
 
 def create_schema(engine: Engine) -> None:
+    """(Re)create the knowledge base's tables, empty. The feedback table is not one of them (FeedbackBase)."""
     Base.metadata.drop_all(engine)
     Base.metadata.create_all(engine)
+
+
+def create_feedback_schema(engine: Engine) -> None:
+    """Create the feedback table where it is missing; an existing one, and its rows, stay as they are."""
+    try:
+        FeedbackBase.metadata.create_all(engine)
+    except SQLAlchemyError:
+        # Another worker may have created it between the check and the CREATE: that is the state we want.
+        if not inspect(engine).has_table(Feedback.__tablename__):
+            raise
 
 
 def create_name_search(conn: Connection) -> None:

@@ -1,4 +1,5 @@
-"""The HTTP API's routes, one router per concern: recommendations (and the upload page), products, health.
+"""The HTTP API's routes, one router per concern: recommendations (and the upload page, and the answer to its
+question "Is this a <class>?"), products, health.
 
 What a route needs (settings, the knowledge base engine, the model client, the recommender) comes in through
 FastAPI dependencies, read from `app.state`, where the app's lifespan puts them (recommender/app.py).
@@ -6,6 +7,8 @@ FastAPI dependencies, read from `app.state`, where the app's lifespan puts them 
 
 from __future__ import annotations
 
+import hashlib
+import logging
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
@@ -18,9 +21,12 @@ from starlette.exceptions import HTTPException
 
 from recommender import kb
 from recommender.client import ModelServerError, PredictionClient
+from recommender.feedback import FeedbackBook, FeedbackRefused
 from recommender.ranking import SORTS, PreferenceError, Preferences, Sort
 from recommender.service import Recommender, Timings, check_image, facts_dict
 from recommender.settings import Settings
+
+log = logging.getLogger(__name__)
 
 HEALTH_TIMEOUT_S = 2.0  # /healthz asks the model server with at most this deadline: a probe must answer fast
 
@@ -104,6 +110,19 @@ class AppliedPreferences(Answer):
     sort: Sort
 
 
+class ClassChoice(Answer):
+    class_name: str = Field(alias="class", description="a class the user may answer, e.g. hdd")
+    label: str = Field(description='in words, e.g. "HDD", "RAM module"')
+
+
+class FeedbackQuestion(Answer):
+    """What the page needs to ask "Is this a <class>?" and send the answer to POST /v1/feedback."""
+
+    image_sha256: str = Field(description="sha256 of the uploaded photo (send it with the answer)")
+    question: str = Field(description='e.g. "Is this a mouse?", "Are these speakers?" (about prediction.class)')
+    classes: list[ClassChoice] = Field(description="the classes a user may pick when the prediction is wrong")
+
+
 class Recommendations(Answer):
     prediction: Prediction
     category: str | None = Field(description="the category recommended from; null when unsure or without a catalog")
@@ -113,6 +132,19 @@ class Recommendations(Answer):
     category_facts: list[CategoryFacts]
     products: list[RecommendedProduct]
     preferences: AppliedPreferences
+    feedback: FeedbackQuestion | None = Field(description="the question to ask; null: this service collects no answers")
+
+
+class FeedbackRecorded(Answer):
+    id: int
+    image_sha256: str
+    predicted_class: str
+    user_class: str = Field(description="the class the user says the photo shows")
+    confirmed: bool = Field(description="user_class is predicted_class")
+    model_name: str | None
+    model_version: int | None
+    created_at: str = Field(description="ISO 8601, UTC")
+    image_stored: bool = Field(description="true: this answer brought the photo; false: an earlier one had")
 
 
 class ProductDetail(Product):
@@ -179,10 +211,15 @@ async def get_client(request: Request) -> PredictionClient:
     return request.app.state.recommender.client
 
 
+async def get_feedback(request: Request) -> FeedbackBook | None:
+    return request.app.state.recommender.feedback
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 RecommenderDep = Annotated[Recommender, Depends(get_recommender)]
 EngineDep = Annotated[Engine, Depends(get_engine)]
 ClientDep = Annotated[PredictionClient, Depends(get_client)]
+FeedbackDep = Annotated[FeedbackBook | None, Depends(get_feedback)]
 
 
 # ----------------------------------------------------------------- recommendations and the upload page
@@ -213,6 +250,7 @@ async def recommendations(
     request: Request,
     settings: SettingsDep,
     recommender: RecommenderDep,
+    feedback: FeedbackDep,
     image: Annotated[UploadFile, File(description="photo of the product (JPEG, PNG, GIF or BMP)")],
     budget_min: Annotated[str | None, Form(description="lowest price in USD")] = None,
     budget_max: Annotated[str | None, Form(description="highest price in USD")] = None,
@@ -227,6 +265,7 @@ async def recommendations(
     with timings.hop("upload"):
         data = await image.read(settings.max_upload_bytes + 1)
         check_image(data, settings.max_upload_bytes)
+        image_sha256 = hashlib.sha256(data).hexdigest()  # ~50 µs for a 100 KB photo
         preferences = Preferences.from_inputs(
             budget_min=_money_field("budget_min", budget_min),
             budget_max=_money_field("budget_max", budget_max),
@@ -238,7 +277,68 @@ async def recommendations(
     # The gRPC call and the database are blocking: run them off the event loop.
     answer = await run_in_threadpool(recommender.recommend_image, data, preferences, timings)
     answer["preferences"] = _preferences_json(preferences)
+    answer["feedback"] = feedback.ask(image_sha256, answer["prediction"]["class"]) if feedback is not None else None
     return JSONResponse(answer)
+
+
+# The page sends the photo again with the answer rather than the app keeping every upload in case an answer comes:
+# only photos a user chose to answer about are kept, recommendations stay stateless (any worker or replica takes the
+# answer), and the page still holds the file. A photo already in the store can be answered by its sha256 alone.
+@recommendation_routes.post(
+    "/v1/feedback",
+    summary='Answer "Is this a <class>?" about a recommendation: confirm its class, or give the right one',
+    status_code=201,
+    response_model=FeedbackRecorded,
+    responses=problems(
+        {
+            404: "no image and no photo with this image_sha256 has been sent before",
+            413: "the upload is over the size limit, or the image has too many pixels (decompression-bomb protection)",
+            415: "the file is not an image, or not a format the training data takes (JPEG, PNG)",
+            422: "a class that is not one of the classes, an image_sha256 that is not the photo's, a photo too small "
+            "for the training data, or a field missing or of the wrong type",
+            503: "the feedback database or store is unavailable, or this service collects no answers",
+        }
+    ),
+)
+async def give_feedback(
+    settings: SettingsDep,
+    feedback: FeedbackDep,
+    predicted_class: Annotated[str, Form(description="the class the recommendation answered (prediction.class)")],
+    user_class: Annotated[
+        str, Form(description="the class the photo shows: predicted_class to confirm it, another class to correct it")
+    ],
+    image: Annotated[UploadFile | None, File(description="the photo the recommendation answered")] = None,
+    image_sha256: Annotated[
+        str | None,
+        Form(description="the recommendation's feedback.image_sha256 (enough alone for a photo sent before)"),
+    ] = None,
+    model_name: Annotated[str | None, Form(description="the model that answered (prediction.model.name)")] = None,
+    model_version: Annotated[int | None, Form(description="its version (prediction.model.version)")] = None,
+) -> JSONResponse:
+    if feedback is None:
+        raise HTTPException(503, "This service does not collect answers.")
+    data = None
+    if image is not None:
+        data = await image.read(settings.max_upload_bytes + 1)
+        check_image(data, settings.max_upload_bytes)
+    try:
+        record, stored = await run_in_threadpool(
+            feedback.record,
+            predicted_class=predicted_class.strip(),
+            user_class=user_class.strip(),
+            image=data,
+            image_sha256=image_sha256,
+            model_name=model_name,
+            model_version=model_version,
+        )
+    except FeedbackRefused as error:
+        raise HTTPException(error.status, error.message) from error
+    except (SQLAlchemyError, OSError) as error:
+        log.exception("feedback not recorded")
+        raise HTTPException(
+            503, "Your answer could not be saved (the feedback store is unavailable): try again shortly."
+        ) from error
+    return JSONResponse({**record.to_dict(), "image_stored": stored}, status_code=201)
 
 
 def _money_field(name: str, value: str | None) -> float | None:

@@ -17,6 +17,7 @@ from sqlalchemy import Engine
 
 from recommender import kb
 from recommender.client import Prediction, PredictionClient
+from recommender.feedback import FeedbackBook
 from recommender.params import RecommenderParams, load_recommender_params
 from recommender.ranking import Preferences, RecommendationResult, choose_categories, recommend
 from recommender.settings import Settings
@@ -116,10 +117,13 @@ def facts_dict(facts: kb.CategoryFacts) -> dict[str, Any]:
 class Recommender:
     """The recommendation use case over one knowledge base and one model server."""
 
-    def __init__(self, engine: Engine, client: PredictionClient, params: RecommenderParams):
+    def __init__(
+        self, engine: Engine, client: PredictionClient, params: RecommenderParams, feedback: FeedbackBook | None = None
+    ):
         self.engine = engine
         self.client = client
         self.params = params
+        self.feedback = feedback  # users' answers to "Is this a <class>?" (None: not collected)
         self._class_to_category: dict[str, str | None] | None = None
         self._facts: dict[str, kb.CategoryFacts] | None = None
 
@@ -135,11 +139,14 @@ class Recommender:
             version_label=settings.model_label,
             timeout_s=settings.model_timeout_s,
         )
-        return cls(kb.make_engine(settings.db_url), client, params)
+        feedback = FeedbackBook.open(settings.feedback_database_url(), settings.feedback_dir, settings.params_path)
+        return cls(kb.make_engine(settings.db_url), client, params, feedback)
 
     def close(self) -> None:
         self.client.close()
         self.engine.dispose()
+        if self.feedback is not None:
+            self.feedback.close()
 
     def class_to_category(self) -> dict[str, str | None]:
         """The KB's class -> category table (built from params), falling back to params for unknown classes."""

@@ -13,6 +13,11 @@ default written once here. Ranking numbers are not settings: they live in params
     PRODUCTLENS_MAX_UPLOAD_BYTES     upload size cap (default 10 MiB)
     PRODUCTLENS_PARAMS               params.yaml holding the `recommender:` section (default params.yaml)
     PRODUCTLENS_GRACEFUL_SHUTDOWN_S  after SIGTERM, how long requests in flight may take (default 8)
+    PRODUCTLENS_FEEDBACK_DIR         the feedback store of users' photos, <dir>/<sha256[:2]>/<sha256>.<ext> (default
+                                     feedback)
+    PRODUCTLENS_FEEDBACK_DB_URL      the database of the feedback table (default: the knowledge base's database when
+                                     that is a server such as PostgreSQL; with the SQLite KB file, which every KB
+                                     rebuild replaces, sqlite:///<feedback dir>/feedback.db)
 """
 
 from __future__ import annotations
@@ -53,12 +58,24 @@ class Settings(BaseSettings):
     # Under docker's 10 s stop timeout (compose) and Kubernetes' 30 s grace period, so a stalled upload is
     # cancelled and the app exits on its own instead of being killed.
     graceful_shutdown_s: PositiveFloat = 8.0
+    feedback_dir: Path = Path("feedback")
+    feedback_db_url: str | None = None
 
     @model_validator(mode="after")
     def _one_model_version_selector(self) -> Settings:
         if self.model_version is not None and self.model_label:
             raise ValueError(f"set {ENV_PREFIX}MODEL_VERSION or {ENV_PREFIX}MODEL_LABEL, not both")
         return self
+
+    def feedback_database_url(self) -> str:
+        """Where the feedback table lives: PRODUCTLENS_FEEDBACK_DB_URL, else beside the KB's tables on a database
+        server, else a SQLite file in the feedback store (the SQLite KB file is a build output: `make kb` deletes
+        it and renames a new one into place, which would lose every answer in it)."""
+        if self.feedback_db_url:
+            return self.feedback_db_url
+        if not self.db_url.startswith("sqlite"):
+            return self.db_url
+        return sqlite_url(self.feedback_dir / "feedback.db")
 
 
 def env_name(field: str) -> str:

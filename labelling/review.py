@@ -10,6 +10,7 @@ dataset manifest without printing them.
 
     productlens review sheets --split test                       # every unreviewed test image
     productlens review sheets --issues reports/label_issues.csv  # flagged train/val images
+    productlens review sheets --candidates reports/feedback/candidates.csv  # a list of sha256 (users' feedback)
     productlens review zoom reports/review/test-001.json 7       # one tile, large
     productlens review record reports/review/test-001.json --reviewer alice 1=keyboard 2-4=mouse \\
         "5=exclude_ambiguous:desk setup, keyboard and monitor" 6=np:advert
@@ -80,6 +81,21 @@ def flagged_sha256(issues: pd.DataFrame, splits: Sequence[str] = ("train", "val"
     """Images the audit flags with a label or outlier issue in the given splits."""
     flagged = issues["split"].isin(splits) & issues["issue_type"].isin(REVIEWABLE_ISSUES)
     return set(issues.loc[flagged, "sha256"])
+
+
+def candidate_sha256(path: Path, images: pd.DataFrame, manifest: Path) -> set[str]:
+    """The sha256 a candidate list names (a CSV with a sha256 column); every one must be a dataset image."""
+    candidates = pd.read_csv(path, dtype="string", keep_default_na=False)
+    if "sha256" not in candidates.columns:
+        raise ReviewToolError(f"{path} has no sha256 column (columns: {list(candidates.columns)})")
+    wanted = set(candidates["sha256"].str.strip().str.lower())
+    unknown = sorted(wanted - set(images["sha256"]))
+    if unknown:
+        raise ReviewToolError(
+            f"{len(unknown)} of the {len(wanted)} candidates in {path} are not in {manifest} (e.g. {unknown[0]}): "
+            "copy them into the dataset and run validate first"
+        )
+    return wanted
 
 
 def review_queue(
@@ -230,12 +246,16 @@ def _load(args: argparse.Namespace) -> tuple[pd.DataFrame, pd.DataFrame, list[st
 def cmd_sheets(args: argparse.Namespace) -> int:
     images, reviews, _ = _load(args)
     only = None
+    if args.issues is not None and args.candidates is not None:
+        raise ReviewToolError("give --issues or --candidates, not both")
     if args.issues is not None:
         only = flagged_sha256(pd.read_csv(args.issues, keep_default_na=False), args.issue_splits.split(","))
+    if args.candidates is not None:
+        only = candidate_sha256(args.candidates, images, args.manifest)
     queue = review_queue(images, reviews, args.split, only)
     if args.limit:
         queue = queue[: args.limit]
-    prefix = args.prefix or (args.split or "flagged")
+    prefix = args.prefix or args.split or (args.candidates.stem if args.candidates is not None else "flagged")
     written = write_sheets(queue, images, args.images, args.out, prefix, args.per_sheet, args.tile, args.columns)
     print(f"{len(queue)} images to review on {len(written)} sheets in {args.out} ({prefix}-NNN.png)")
     return 0
@@ -301,6 +321,9 @@ def parser(root: argparse.ArgumentParser | None = None) -> argparse.ArgumentPars
     sheets.add_argument("--split", choices=SPLITS, help="review every image of this split")
     sheets.add_argument("--issues", type=Path, help="label_issues.csv from audit_labels: review the flagged images")
     sheets.add_argument("--issue-splits", default="train,val", help="splits whose flagged images to review")
+    sheets.add_argument(
+        "--candidates", type=Path, help="a CSV with a sha256 column (productlens feedback export): review those images"
+    )
     sheets.add_argument("--out", type=Path, default=Path("reports/review"))
     sheets.add_argument("--prefix", help="sheet name prefix (default: the split, or 'flagged')")
     sheets.add_argument("--per-sheet", type=int, default=16, help="images per sheet (1 = each image alone)")

@@ -8,18 +8,23 @@ import common.quiet_tf  # noqa: F401  (first: TensorFlow reads its log level whe
 # isort: split
 import argparse
 import sys
+from pathlib import Path
 
+from pydantic import ValidationError
 from sqlalchemy.exc import OperationalError
 
 from common.cli import run_main
+from common.io import atomic_write_json
 from labelling import review
 from recommender import cli as recommender_cli
+from recommender.settings import Settings, settings_problems
 
 DESCRIPTION = """ProductLens from the terminal.
 
   productlens recommend PHOTO [--budget-max 100] ...     recommend products for a photo
   productlens kb search "rtx 4070" | kb info             query the knowledge base
   productlens review sheets|zoom|record|status ...       blind label review
+  productlens feedback export                            users' answers -> new dataset images + review candidates
   productlens publish --candidate ... --output models    publish the validated model for serving
 
 An error is one line (exit 1); add --debug anywhere, or set PRODUCTLENS_DEBUG=1, for its traceback.
@@ -37,6 +42,53 @@ def publish(args: argparse.Namespace) -> int:
     return publish_main(args.publish_args)
 
 
+def feedback_export(args: argparse.Namespace) -> int:
+    """Users' answers -> their photos in the dataset under the users' class, and the list to review blind."""
+    from recommender.feedback import FeedbackBook, export_feedback, summary, write_candidates
+
+    overrides = {"db_url": args.db_url, "feedback_dir": args.feedback_dir, "feedback_db_url": args.feedback_db_url}
+    try:
+        settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as error:
+        print(f"error: the settings cannot be used: {settings_problems(error)}", file=sys.stderr)
+        return 2
+    book = FeedbackBook.open(settings.feedback_database_url(), settings.feedback_dir, args.params)
+    try:
+        answers = book.answers()
+    finally:
+        book.close()
+    result = export_feedback(answers, book.store, args.dataset, book.rules.classes, args.corrected_only)
+    write_candidates(args.candidates, result.candidates)
+    atomic_write_json(args.report, result.to_dict())
+    print(summary(result, book.where(), args.dataset, args.candidates))
+    return 0
+
+
+def add_feedback_commands(commands: argparse._SubParsersAction) -> None:
+    feedback = commands.add_parser("feedback", help='users\' answers to "Is this a <class>?": export them for review')
+    feedback_commands = feedback.add_subparsers(dest="feedback_command", required=True)
+    export = feedback_commands.add_parser(
+        "export",
+        help="copy answered photos the dataset lacks into it (under the users' class); list them for blind review",
+        description="Copy each answered photo the dataset lacks to DATASET/<class>/feedback-<sha256[:16]>.<ext> under "
+        "the class the users gave (a given label, like a folder's), and write the review candidates (their sha256) "
+        "for `productlens review sheets --candidates`. The answers are not labels: review the candidates blind, "
+        "then validate and `dvc add data`.",
+    )
+    export.add_argument("--dataset", type=Path, default=Path("data/images"), help="the dataset's class folders")
+    export.add_argument("--candidates", type=Path, default=Path("reports/feedback/candidates.csv"))
+    export.add_argument("--report", type=Path, default=Path("reports/feedback/export.json"), help="the counts, as JSON")
+    export.add_argument(
+        "--params", type=Path, default=Path("params.yaml"), help="its validate: section has the classes"
+    )
+    export.add_argument("--feedback-dir", type=Path, help="the feedback store (default: $PRODUCTLENS_FEEDBACK_DIR)")
+    export.add_argument(
+        "--feedback-db-url", help="the feedback table's database (default: $PRODUCTLENS_FEEDBACK_DB_URL)"
+    )
+    export.add_argument("--corrected-only", action="store_true", help="only photos some user said were misrecognised")
+    export.set_defaults(func=feedback_export)
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(
         prog="productlens", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -47,6 +99,7 @@ def parser() -> argparse.ArgumentParser:
     review_parser = commands.add_parser("review", help="blind label review: contact sheets and decisions")
     review.parser(review_parser)
     review_parser.set_defaults(func=review.run)
+    add_feedback_commands(commands)
 
     # components.publish parses its own flags (`productlens publish --help` shows them).
     publish_parser = commands.add_parser(

@@ -16,7 +16,11 @@ pixel limit and classes), it publishes nothing, says so and exits 0.
 
 With `--models-config FILE` (repeatable; `make publish` names serving/models.config and serving/k8s/models.config),
 it then points the `stable` version label of the model in FILE at the version that serves the model, so clients
-can ask for `--label stable`; see `label_stable`.
+can ask for `--label stable`; see `components.labels.label_stable`.
+
+With `--label canary --server HOST:PORT` (`make canary`) the new version goes out beside the stable one instead:
+`stable` keeps serving, `canary` names the new version once the server at HOST:PORT has loaded it, and
+`productlens promote` / `productlens rollback` finish the rollout (components/labels.py has the steps).
 """
 
 from __future__ import annotations
@@ -38,12 +42,20 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from google.protobuf import text_format
-from tensorflow_serving.config import model_server_config_pb2
 
 from common.cli import run_main
-from common.io import atomic_directory, atomic_write_json, atomic_write_text, read_json
+from common.io import atomic_directory, atomic_write_json, read_json
 from components.candidate import CandidateError, blessing_refusal, read_card
+from components.labels import (
+    CANARY_LABEL,
+    DEFAULT_WAIT_S,
+    STABLE_LABEL,
+    LabelError,
+    ModelServerWatch,
+    label_canary,
+    label_stable,
+    pin_stable_for_canary,
+)
 from serving.contract import (
     MODEL_CARD_FILE,
     NOT_SURE_THRESHOLD,
@@ -51,7 +63,6 @@ from serving.contract import (
     ModelCardError,
     latest_version,
     next_version,
-    versions,
 )
 
 log = logging.getLogger("components.publish")
@@ -154,11 +165,9 @@ def _write_version(candidate: Path, model_dir: Path, version: int, card: dict[st
 
 
 # ----- the step --------------------------------------------------------------------------------------------
-def publish(
-    candidate: Path, gate: dict[str, Any], blessing: dict[str, Any], output: Path, provenance: dict[str, Any]
-) -> Publication:
-    """Publish `candidate` under `output/<model_name>/` if the gate and the blessing allow it and the newest
-    version does not already serve it; `provenance` (git, data) goes into the published card."""
+def check_publishable(candidate: Path, gate: dict[str, Any], blessing: dict[str, Any]) -> dict[str, Any]:
+    """The candidate's model card when the gate blessed the model and the blessing names this candidate; else
+    PublishRefused with every reason."""
     card = read_card(candidate)
     refusals = []
     if gate.get("blessed") is not True:
@@ -168,6 +177,15 @@ def publish(
         refusals.append(refusal)
     if refusals:
         raise PublishRefused(refusals)
+    return card
+
+
+def publish(
+    candidate: Path, gate: dict[str, Any], blessing: dict[str, Any], output: Path, provenance: dict[str, Any]
+) -> Publication:
+    """Publish `candidate` under `output/<model_name>/` if the gate and the blessing allow it and the newest
+    version does not already serve it; `provenance` (git, data) goes into the published card."""
+    card = check_publishable(candidate, gate, blessing)
     model_dir = Path(output) / card["model_name"]
     with publishing_lock(model_dir):
         remove_stale_staging(model_dir)
@@ -191,74 +209,6 @@ def publish(
     return Publication(True, version, path, message)
 
 
-# ----- version labels in models.config ---------------------------------------------------------------------
-STABLE_LABEL = "stable"
-
-
-class LabelError(RuntimeError):
-    """A models.config that cannot be labelled: unreadable, or without the model."""
-
-
-def policy_versions(policy: model_server_config_pb2.ModelVersionPolicy, on_disk: list[int]) -> list[int]:
-    """The versions of `on_disk` that a model_version_policy loads (unset: the latest one, as TF Serving)."""
-    which = policy.WhichOneof("policy_choice")
-    if which == "all":
-        return on_disk
-    if which == "specific":
-        return [v for v in on_disk if v in set(policy.specific.versions)]
-    latest = max(int(policy.latest.num_versions), 1) if which == "latest" else 1
-    return on_disk[-latest:]
-
-
-def label_stable(config_path: Path, model_name: str, version: int, model_dir: Path) -> str:
-    """Point the `stable` label of `model_name` in the models.config at `config_path` at `version`, atomically;
-    returns what it did, in one line.
-
-    TF Serving refuses a whole config whose label names a version it has not loaded, so a label never names a
-    version outside what the policy loads from `model_dir`: `stable` stays as it is when the policy would not
-    load `version` (a `specific` policy), and other labels (`canary`) are kept only while their version is
-    loaded. Comments at the top of the file are kept; the rest is written as text_format writes it.
-    """
-    text = Path(config_path).read_text(encoding="utf-8")
-    config = model_server_config_pb2.ModelServerConfig()
-    try:
-        text_format.Parse(text, config)
-    except text_format.ParseError as error:
-        raise LabelError(f"{config_path} is not a models.config (ModelServerConfig text proto): {error}") from error
-    entry = next((c for c in config.model_config_list.config if c.name == model_name), None)
-    if entry is None:
-        raise LabelError(f"{config_path} configures no model '{model_name}', so it cannot label its versions")
-    loaded = policy_versions(entry.model_version_policy, versions(model_dir))
-    if version not in loaded:
-        return (
-            f"{config_path}: labels unchanged: its model_version_policy loads versions {loaded}, not {version}; "
-            f"add {version} to the policy to serve it"
-        )
-    labels = {label: v for label, v in entry.version_labels.items() if label == STABLE_LABEL or v in loaded}
-    dropped = [
-        f"{label} (version {number} is no longer loaded)"
-        for label, number in sorted(entry.version_labels.items())
-        if label not in labels
-    ]
-    labels[STABLE_LABEL] = version
-    entry.version_labels.clear()
-    entry.version_labels.update(labels)
-    header = "".join(line for line in _leading_comments(text))
-    updated = header + text_format.MessageToString(config)
-    if updated != text:
-        atomic_write_text(Path(config_path), updated)
-    said = f"{config_path}: {STABLE_LABEL} -> version {version}"
-    if dropped:
-        said += f"; dropped {', '.join(dropped)}"
-    return said
-
-
-def _leading_comments(text: str) -> list[str]:
-    lines = text.splitlines(keepends=True)
-    end = next((i for i, line in enumerate(lines) if line.strip() and not line.lstrip().startswith("#")), len(lines))
-    return lines[:end]
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m components.publish", description=__doc__.splitlines()[0])
     parser.add_argument("--candidate", type=Path, required=True, help="the export candidate folder")
@@ -272,9 +222,46 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=Path,
         action="append",
         default=[],
-        help="a models.config whose `stable` label then names the serving version (repeatable)",
+        help="a models.config whose labels then name the published version (repeatable)",
     )
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--label",
+        choices=(STABLE_LABEL, CANARY_LABEL),
+        default=STABLE_LABEL,
+        help=f"{STABLE_LABEL}: the published version serves everyone (default); {CANARY_LABEL}: it is loaded beside "
+        f"{STABLE_LABEL}, which keeps serving, and gets the label {CANARY_LABEL} (needs --models-config and --server)",
+    )
+    parser.add_argument(
+        "--server",
+        metavar="HOST:PORT",
+        help="with --label canary: the gRPC address of the model server that reads the first --models-config; each "
+        "step waits until that server has applied it",
+    )
+    parser.add_argument(
+        "--wait-s", type=float, default=DEFAULT_WAIT_S, help="how long each canary step may wait (default %(default)g)"
+    )
+    args = parser.parse_args(argv)
+    if args.label == CANARY_LABEL and not (args.models_config and args.server):
+        parser.error(
+            "--label canary needs --models-config (the server's config first) and --server HOST:PORT: the canary is "
+            "labelled only once that server has loaded it beside the stable version"
+        )
+    return args
+
+
+def publish_canary(
+    args: argparse.Namespace, gate: dict[str, Any], blessing: dict[str, Any], provenance: dict[str, Any]
+) -> Publication:
+    """Publish under the `canary` label while `stable` keeps serving, each step applied by the server (see
+    components/labels.py); prints what each step did."""
+    model_name = check_publishable(args.candidate, gate, blessing)["model_name"]
+    with ModelServerWatch(args.server, model_name) as watch:
+        stable = pin_stable_for_canary(args.models_config, model_name, watch, args.wait_s)
+        print(f"{STABLE_LABEL} version {stable} pinned in {', '.join(map(str, args.models_config))}")
+        result = publish(args.candidate, gate, blessing, args.output, provenance)
+        print(result.message)
+        print(label_canary(args.models_config, model_name, stable, result.version, watch, args.wait_s))
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -285,8 +272,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"Publish refused: {path} not found (run `dvc repro` first)", file=sys.stderr)
             return 1
     provenance = {"git": git_commit(), "data": {"dvc_file": str(args.data_dvc), "md5": data_md5(args.data_dvc)}}
+    gate, blessing = read_json(args.gate), read_json(args.blessing)
     try:
-        result = publish(args.candidate, read_json(args.gate), read_json(args.blessing), args.output, provenance)
+        if args.label == CANARY_LABEL:
+            result = publish_canary(args, gate, blessing, provenance)
+        else:
+            result = publish(args.candidate, gate, blessing, args.output, provenance)
+            print(result.message)
     except PublishRefused as refused:
         print(f"Publish refused: {args.candidate} is not published:", file=sys.stderr)
         for reason in refused.reasons:
@@ -294,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except (CandidateError, ModelCardError) as error:
         print(f"Publish refused: {error}", file=sys.stderr)
+        return 1
+    except LabelError as error:
+        print(f"error: the {CANARY_LABEL} label was not written: {error}", file=sys.stderr)
         return 1
     if args.report is not None:
         card = read_json(result.path / MODEL_CARD_FILE)
@@ -306,15 +301,16 @@ def main(argv: list[str] | None = None) -> int:
                 "path": str(result.path),
                 "weights_sha256": card["weights_sha256"],
                 "message": result.message,
+                "label": args.label,
             },
         )
-    print(result.message)
-    for config_path in args.models_config:
-        try:
-            print(label_stable(config_path, result.path.parent.name, result.version, result.path.parent))
-        except (OSError, LabelError) as error:
-            print(f"error: the {STABLE_LABEL} label was not written: {error}", file=sys.stderr)
-            return 1
+    if args.label == STABLE_LABEL:
+        for config_path in args.models_config:
+            try:
+                print(label_stable(config_path, result.path.parent.name, result.version, result.path.parent))
+            except (OSError, LabelError) as error:
+                print(f"error: the {STABLE_LABEL} label was not written: {error}", file=sys.stderr)
+                return 1
     return 0
 
 

@@ -26,6 +26,7 @@ DESCRIPTION = """ProductLens from the terminal.
   productlens review sheets|zoom|record|status ...       blind label review
   productlens feedback export                            users' answers -> new dataset images + review candidates
   productlens publish --candidate ... --output models    publish the validated model for serving
+  productlens promote | rollback                         canary rollout: stable -> the canary, or back
 
 An error is one line (exit 1); add --debug anywhere, or set PRODUCTLENS_DEBUG=1, for its traceback.
 """
@@ -89,6 +90,75 @@ def add_feedback_commands(commands: argparse._SubParsersAction) -> None:
     export.set_defaults(func=feedback_export)
 
 
+def rollout(args: argparse.Namespace) -> int:
+    """`promote` / `rollback`: move the version labels in the models.config files (components/labels.py)."""
+    from components import labels  # imported when used: TensorFlow Serving's protos load TensorFlow
+
+    for report in args.check:
+        drifted = monitor_drift(report)
+        if drifted:
+            print(f"error: not promoting: {report} {drifted}", file=sys.stderr)
+            return 1
+        print(f"{report}: no drift")
+    configs = args.models_config or list(labels.SHIPPED_CONFIGS)
+    step = labels.promote if args.command == "promote" else labels.rollback
+    if args.server is None:
+        print(step(configs, args.model, None, args.wait_s))
+        return 0
+    with labels.ModelServerWatch(args.server, args.model) as watch:
+        print(step(configs, args.model, watch, args.wait_s))
+    return 0
+
+
+def monitor_drift(report: Path) -> str | None:
+    """What a drift check's metrics (components.monitor --metrics) say against a promote; None when nothing."""
+    import json
+
+    metrics = json.loads(report.read_text(encoding="utf-8"))
+    if metrics.get("drift"):
+        return f"says the traffic drifted ({metrics.get('drifted_checks')} check(s); its report names them)"
+    if not metrics.get("judged", True):
+        return f"judged nothing: {metrics.get('n_images')} logged image(s) are under monitor.min_images"
+    return None
+
+
+def add_rollout_commands(commands: argparse._SubParsersAction) -> None:
+    promote = commands.add_parser(
+        "promote",
+        help="canary rollout: stable -> the canary's version (the old stable stays loaded as `previous`)",
+        description="Point the stable label at the canary's version in each models.config, keeping the old stable "
+        "version loaded as `previous` for a rollback. The deliberate human step once the canary's metrics (the "
+        "dashboard: errors and latency by label) and the drift check show no regression; --check refuses to "
+        "promote on a drift check that found drift.",
+    )
+    rollback = commands.add_parser(
+        "rollback",
+        help="stable -> the previous stable version (after a promote), or drop the canary (during a rollout)",
+    )
+    for sub in (promote, rollback):
+        sub.add_argument(
+            "--models-config",
+            type=Path,
+            action="append",
+            default=[],
+            help="a models.config to edit (repeatable; default serving/models.config and serving/k8s/models.config)",
+        )
+        sub.add_argument("--model", default="productlens", help="the model name in the config (default %(default)s)")
+        sub.add_argument(
+            "--server", metavar="HOST:PORT", help="wait until the model server at this gRPC address applied it"
+        )
+        sub.add_argument("--wait-s", type=float, default=120.0, help="how long to wait for it (default %(default)g)")
+        sub.set_defaults(func=rollout, check=[])
+    promote.add_argument(
+        "--check",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="MONITOR_JSON",
+        help="the drift check's metrics (make monitor: metrics/monitor.json): refuse when it found drift (repeatable)",
+    )
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(
         prog="productlens", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -106,6 +176,7 @@ def parser() -> argparse.ArgumentParser:
         "publish", help="publish the blessed, infra-validated model to the serving base path", add_help=False
     )
     publish_parser.set_defaults(func=publish)
+    add_rollout_commands(commands)
     return root
 
 

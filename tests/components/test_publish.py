@@ -227,3 +227,109 @@ def load_labels(config: Path) -> dict[str, int]:
 
     parsed = text_format.Parse(config.read_text(), ModelServerConfig())
     return dict(parsed.model_config_list.config[0].version_labels)
+
+
+# ----- the canary rollout: publish --label canary, productlens promote / rollback ----------------------------------
+def served_config(tmp_path: Path, model_dir: Path) -> Path:
+    """serving/models.config with its base path pointed at `model_dir` (a server in a test reads it)."""
+    config = shipped_config(tmp_path)
+    config.write_text(config.read_text().replace('"models/productlens"', f'"{model_dir}"'))
+    return config
+
+
+def policy_of(config: Path) -> str:
+    from google.protobuf import text_format
+    from tensorflow_serving.config.model_server_config_pb2 import ModelServerConfig
+
+    parsed = text_format.Parse(config.read_text(), ModelServerConfig())
+    return text_format.MessageToString(parsed.model_config_list.config[0].model_version_policy, as_one_line=True)
+
+
+def productlens(*args: str) -> int:
+    from productlens.cli import main
+
+    return main(list(args))
+
+
+def test_a_canary_is_served_beside_stable_then_promoted_and_rolled_back(step_inputs, candidates, tmp_path, capsys):
+    from components.labels import ModelServerWatch
+    from tests.fixtures.model_server import start_model_server, wait_for_versions
+
+    model_dir = step_inputs["output"] / "productlens"
+    config = served_config(tmp_path, model_dir)
+    assert step.main([*cli_args(step_inputs), "--models-config", str(config)]) == 0  # version 1, stable -> 1
+    with start_model_server(
+        tmp_path / "server", f"--model_config_file={config}", "--model_config_file_poll_wait_seconds=0.2",
+        "--file_system_poll_wait_seconds=0.2",
+    ) as server, ModelServerWatch(server.grpc_address, "productlens") as watch:  # fmt: skip
+        wait_for_versions(server.grpc_address, "productlens", {1: "AVAILABLE"})
+        step_inputs["candidate"] = candidates["b"]
+        step_inputs["blessing"].write_text(json.dumps(blessing_for(candidates["b"])))
+        capsys.readouterr()
+        canary = ["--models-config", str(config), "--label", "canary", "--server", server.grpc_address]
+        assert step.main([*cli_args(step_inputs), *canary]) == 0
+        out = capsys.readouterr().out.splitlines()
+        assert out[0] == f"stable version 1 pinned in {config}"
+        assert out[1].startswith(f"published {model_dir / '2'} ")
+        assert out[2] == f"{config}: canary -> 2, stable -> 1 (both loaded)"
+        assert load_labels(config) == {"stable": 1, "canary": 2}
+        assert policy_of(config) == "specific { versions: 1 versions: 2 }"  # a version 3 on disk would not replace 1
+        assert (watch.label_version("stable"), watch.label_version("canary"), watch.available()) == (1, 2, {1, 2})
+        assert json.loads(step_inputs["report"].read_text())["label"] == "canary"
+
+        assert productlens("promote", "--models-config", str(config), "--server", server.grpc_address) == 0
+        assert capsys.readouterr().out.splitlines()[-1] == "promoted version 2: previous -> 1, stable -> 2"
+        assert load_labels(config) == {"stable": 2, "previous": 1}
+        assert (watch.label_version("stable"), watch.label_version("canary"), watch.available()) == (2, None, {1, 2})
+
+        assert productlens("rollback", "--models-config", str(config), "--server", server.grpc_address) == 0
+        assert capsys.readouterr().out.splitlines()[-1] == "rolled back: stable -> 1 (version 2 unloaded)"
+        assert load_labels(config) == {"stable": 1} and policy_of(config) == "specific { versions: 1 }"
+        assert watch.label_version("stable") == 1
+        wait_for_versions(server.grpc_address, "productlens", {1: "AVAILABLE", 2: "END"})
+
+        assert productlens("rollback", "--models-config", str(config)) == 1
+        assert capsys.readouterr().err == (
+            f"error: {config} has nothing to roll back: no 'previous' label (no promote since the last rollout) and "
+            "no canary (labels: stable -> 1)\n"
+        )
+
+
+def test_rollback_during_a_canary_drops_it_and_promote_needs_one(step_inputs, tmp_path, capsys) -> None:
+    publish(step_inputs["candidate"], GATE, blessing_for(step_inputs["candidate"]), step_inputs["output"], {})
+    config = served_config(tmp_path, step_inputs["output"] / "productlens")
+    config.write_text(
+        config.read_text()
+        .replace("latest {\n        num_versions: 1", "specific {\n        versions: 1\n        versions: 2")
+        .replace("  }\n}\n", '    version_labels { key: "canary" value: 2 }\n  }\n}\n')
+    )
+    assert productlens("rollback", "--models-config", str(config)) == 0
+    assert capsys.readouterr().out == "canary version 2 dropped; stable stays at 1\n"
+    assert load_labels(config) == {"stable": 1} and policy_of(config) == "specific { versions: 1 }"
+    assert config.read_text().startswith("# TF Serving ModelServerConfig")  # the comments at the top stay
+
+    assert productlens("promote", "--models-config", str(config)) == 1
+    assert capsys.readouterr().err == f"error: {config} has no canary to promote (labels: stable -> 1)\n"
+
+
+def test_promote_refuses_on_a_drift_check_that_found_drift(tmp_path, capsys) -> None:
+    config = shipped_config(tmp_path)
+    report = tmp_path / "monitor.json"
+    report.write_text(json.dumps({"drift": True, "drifted_checks": 2, "judged": True, "n_images": 500}))
+    assert productlens("promote", "--models-config", str(config), "--check", str(report)) == 1
+    assert capsys.readouterr().err == (
+        f"error: not promoting: {report} says the traffic drifted (2 check(s); its report names them)\n"
+    )
+    assert load_labels(config) == {"stable": 1}
+
+
+def test_rollout_steps_refuse_configs_that_disagree_and_a_canary_without_a_server(step_inputs, tmp_path) -> None:
+    one, other = shipped_config(tmp_path), tmp_path / "k8s.config"
+    other.write_text(one.read_text().replace("value: 1", "value: 2"))
+    with pytest.raises(ValueError, match="label different versions"):
+        from components.labels import promote as promote_labels
+
+        promote_labels([one, other], "productlens")
+    with pytest.raises(SystemExit) as usage:
+        step.main([*cli_args(step_inputs), "--models-config", str(one), "--label", "canary"])
+    assert usage.value.code == 2

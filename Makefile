@@ -5,7 +5,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PYTHONHASHSEED := 0
-export TF_CPP_MIN_LOG_LEVEL := 2
+# FATAL only: no start-up noise (common/quiet_tf.py); failures still raise as Python exceptions.
+export TF_CPP_MIN_LOG_LEVEL := 3
 # dvc.yaml stages run `python -m components.<stage>`: that python must be the venv's.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1

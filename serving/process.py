@@ -86,7 +86,7 @@ def model_server_process(
     ready.unlink(missing_ok=True)  # a stale one would point at a dead server's ports
     log_path = workdir / "server.log"
     python_path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
-    process_env = {**os.environ, "PYTHONPATH": python_path, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
+    process_env = {**os.environ, "PYTHONPATH": python_path, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(
             server_command(ready, args),

@@ -94,10 +94,15 @@ class LogFiles:
 
     def _open_next(self) -> None:
         self.close()
-        self._sequence += 1
-        path = log_file_path(self.filename_prefix, datetime.now(UTC), os.getpid(), self._sequence)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(path, "xb", buffering=_FILE_BUFFER_BYTES)  # noqa: SIM115 - kept open across writes
+        while True:  # never append to another writer's file (two servers of one process, same prefix, same instant)
+            self._sequence += 1
+            path = log_file_path(self.filename_prefix, datetime.now(UTC), os.getpid(), self._sequence)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self._file = open(path, "xb", buffering=_FILE_BUFFER_BYTES)  # noqa: SIM115 - kept open across writes
+                break
+            except FileExistsError:
+                continue
         self._size = 0
         log.info("Writing prediction logs to %s", path)
 

@@ -22,7 +22,7 @@ from importlib import resources
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi_offline import FastAPIOffline
 from pydantic import ValidationError
 from sqlalchemy.exc import SQLAlchemyError
@@ -30,9 +30,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from recommender.client import IncompatibleModelError, ModelServerError, ModelUnavailableError
+from recommender.metrics import UNMATCHED, RecommenderMetrics
 from recommender.ranking import PreferenceError
 from recommender.routes import health_routes, product_routes, recommendation_routes
-from recommender.service import ImageRejected, Recommender, Timings
+from recommender.service import UNRECOGNIZED_LABEL, ImageRejected, ModelRouting, Recommender, Timings
 from recommender.settings import Settings, settings_problems
 
 log = logging.getLogger("recommender.app")
@@ -46,13 +47,16 @@ def problem(status: int, message: str) -> JSONResponse:
 
 
 class ServerTiming:
-    """Time each request and its hops (`request.state.timings`) into a Server-Timing header.
+    """Time each request and its hops (`request.state.timings`) into a Server-Timing header, name the model
+    version label and version that answered (X-Model-Label, X-Model-Version), and put the same numbers into
+    the app's metrics (request latency per endpoint and status, time per hop).
 
     A plain ASGI middleware: the benchmark's per-hop shares should not pay for BaseHTTPMiddleware.
     """
 
-    def __init__(self, app: ASGIApp):
+    def __init__(self, app: ASGIApp, metrics: RecommenderMetrics):
         self.app = app
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -61,16 +65,28 @@ class ServerTiming:
         start = time.perf_counter()
         timings = Timings()
         scope.setdefault("state", {})["timings"] = timings
+        status = 500  # what a request that ends without an answer counts as
 
         async def timed_send(message: Message) -> None:
+            nonlocal status
             if message["type"] == "http.response.start":
+                status = message["status"]
                 total = (time.perf_counter() - start) * 1000
                 hops = timings.header()
                 value = f"{hops + ', ' if hops else ''}app;dur={total:.2f}"
-                message = {**message, "headers": [*message.get("headers", []), (b"server-timing", value.encode())]}
+                headers = [*message.get("headers", []), (b"server-timing", value.encode())]
+                if timings.model_label is not None:
+                    headers.append((b"x-model-label", timings.model_label.encode()))
+                    headers.append((b"x-model-version", str(timings.model_version or "").encode()))
+                message = {**message, "headers": headers}
             await send(message)
 
-        await self.app(scope, receive, timed_send)
+        try:
+            await self.app(scope, receive, timed_send)
+        finally:
+            route = scope.get("route")
+            endpoint = getattr(route, "path", None) or UNMATCHED
+            self.metrics.request(scope["method"], endpoint, status, time.perf_counter() - start, timings.hops)
 
 
 class UploadLimit:
@@ -158,6 +174,8 @@ async def model_incompatible(request: Request, error: IncompatibleModelError) ->
 
 async def model_error(request: Request, error: ModelServerError) -> JSONResponse:
     log.warning("model server error: %s: %s", error.code.name, error.server_details)
+    if UNRECOGNIZED_LABEL in error.server_details:
+        return problem(503, f"The model server has no such version label: {error.details}")
     if error.code.name == "INVALID_ARGUMENT":
         reason = error.details.rstrip(".")
         return problem(422, f"The image could not be decoded ({reason}): upload a complete, undamaged photo.")
@@ -210,6 +228,7 @@ ERROR_HANDLERS = {
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Open the knowledge base and the model server channel for the app's life (`app.state.recommender`)."""
     recommender = Recommender.from_settings(app.state.settings)
+    recommender.route_models(ModelRouting.from_settings(app.state.settings), app.state.metrics)
     app.state.recommender = recommender
     try:
         yield
@@ -229,14 +248,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         "products recommended for your preferences.",
     )
     app.state.settings = settings
+    app.state.metrics = RecommenderMetrics(settings.canary_share)
     app.state.page = resources.files("recommender").joinpath("web/index.html").read_text(encoding="utf-8")
     app.add_middleware(UploadLimit, max_bytes=settings.max_upload_bytes + MULTIPART_SLACK)
-    app.add_middleware(ServerTiming)
+    app.add_middleware(ServerTiming, metrics=app.state.metrics)
     app.add_middleware(AnswerCancelledRequests)
     app.include_router(recommendation_routes)
     app.include_router(product_routes)
     app.include_router(health_routes)
+    app.add_route("/metrics", metrics_page, include_in_schema=False)
     return app
+
+
+async def metrics_page(request: Request) -> Response:
+    """Prometheus scrapes this (recommender/metrics.py lists the metrics)."""
+    page, content_type = request.app.state.metrics.page()
+    return Response(page, media_type=content_type)
 
 
 def parse_args(argv: list[str] | None = None, settings: Settings | None = None) -> argparse.Namespace:

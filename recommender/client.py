@@ -10,7 +10,8 @@ chosen by evaluate on val): a model without it is an error, never a silent defau
 
 Importing this module loads TensorFlow: `tensorflow_serving.apis` is generated from protos that import
 TensorFlow's (`tensorflow.core.framework`), and importing that package runs `tensorflow/__init__.py`. So the
-client uses TensorFlow's own TensorProto <-> NumPy conversion (`make_tensor_proto`, `make_ndarray`).
+client reads answers with TensorFlow's own TensorProto -> NumPy conversion (`make_ndarray`); the request's one
+string tensor is written directly (`tf.make_tensor_proto` costs about 0.2 ms a call for it).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 import tensorflow as tf
+from tensorflow.core.framework import types_pb2
 from tensorflow_serving.apis import get_model_metadata_pb2, predict_pb2, prediction_service_pb2_grpc
 
 from serving.contract import (
@@ -154,11 +156,14 @@ class PredictionClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _model_spec(self, spec: Any, signature: bool = True) -> None:
+    def _model_spec(self, spec: Any, signature: bool = True, version_label: str | None = None) -> None:
+        """Name the model, signature and version; `version_label` (one call's) wins over the client's selector."""
         spec.name = self.model_name
         if signature:
             spec.signature_name = self.signature_name
-        if self.version is not None:
+        if version_label:
+            spec.version_label = version_label
+        elif self.version is not None:
             spec.version.value = self.version
         elif self.version_label:
             spec.version_label = self.version_label
@@ -180,16 +185,20 @@ class PredictionClient:
                 ) from error
             raise ModelServerError(code, readable_error(details, "no reason given"), details) from error
 
-    def predict(self, images: Sequence[bytes], top_k: int = 3) -> list[Prediction]:
-        """Top-k classes for each encoded image (JPEG/PNG bytes), in the order given."""
+    def predict(self, images: Sequence[bytes], top_k: int = 3, version_label: str | None = None) -> list[Prediction]:
+        """Top-k classes for each encoded image (JPEG/PNG bytes), in the order given; `version_label` asks this
+        call's version by label instead of the client's own selector."""
         request = predict_pb2.PredictRequest()
-        self._model_spec(request.model_spec)
-        request.inputs[IMAGE_BYTES].CopyFrom(tf.make_tensor_proto(list(images), tf.string, [len(images)]))
+        self._model_spec(request.model_spec, version_label=version_label)
+        tensor = request.inputs[IMAGE_BYTES]
+        tensor.dtype = types_pb2.DT_STRING
+        tensor.tensor_shape.dim.add(size=len(images))
+        tensor.string_val.extend(images)
         response = self._call(self._stub.Predict, request)
         return self._predictions(response, len(images), top_k)
 
-    def predict_one(self, image: bytes, top_k: int = 3) -> Prediction:
-        return self.predict([image], top_k)[0]
+    def predict_one(self, image: bytes, top_k: int = 3, version_label: str | None = None) -> Prediction:
+        return self.predict([image], top_k, version_label)[0]
 
     def _missing_threshold(self, version: int | None) -> IncompatibleModelError:
         served = f"model '{self.model_name}'" + (f" version {version}" if version is not None else "")

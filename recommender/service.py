@@ -4,22 +4,31 @@ ranks. Shared by the HTTP API and the CLI; timings of each hop come back with th
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
+import os
+import random
+import threading
 import time
 import warnings
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import grpc
 from PIL import Image, UnidentifiedImageError
 from sqlalchemy import Engine
+from sqlalchemy.engine import make_url
 
 from recommender import kb
-from recommender.client import Prediction, PredictionClient
+from recommender.client import ModelServerError, Prediction, PredictionClient
 from recommender.feedback import FeedbackBook
+from recommender.metrics import OK, RecommenderMetrics
 from recommender.params import RecommenderParams, load_recommender_params
-from recommender.ranking import Preferences, RecommendationResult, choose_categories, recommend
+from recommender.ranking import Preferences, ProductRow, RecommendationResult, choose_categories, recommend
 from recommender.settings import Settings
 from serving.contract import DEFAULT_MAX_PIXELS
 
@@ -85,9 +94,12 @@ def check_image(data: bytes, max_bytes: int, max_pixels: int = DEFAULT_MAX_PIXEL
 
 @dataclass
 class Timings:
-    """Milliseconds per hop of one request (shown as a Server-Timing header)."""
+    """Milliseconds per hop of one request (shown as a Server-Timing header), and the model version label and
+    version that answered it (the X-Model-Label and X-Model-Version headers)."""
 
     hops: dict[str, float] = field(default_factory=dict)
+    model_label: str | None = None
+    model_version: int | None = None
 
     @contextmanager
     def hop(self, name: str) -> Iterator[None]:
@@ -99,6 +111,133 @@ class Timings:
 
     def header(self) -> str:
         return ", ".join(f"{name};dur={ms:.2f}" for name, ms in self.hops.items())
+
+
+# ----------------------------------------------------------------- which model version answers
+
+STABLE_LABEL = "stable"
+CANARY_LABEL = "canary"
+LATEST = "latest"  # what metrics and headers call a call that named no version: the server's latest answers it
+PINNED = "pinned"  # ... one that named a version number (PRODUCTLENS_MODEL_VERSION)
+UNRECOGNIZED_LABEL = "Unrecognized servable version label"  # TF Serving's words, which serving.server repeats
+
+
+@dataclass(frozen=True)
+class ModelRouting:
+    """Which version label each model call asks for: a share `canary_share` of them `canary`, the rest `primary`
+    (None: the client's own selector, PRODUCTLENS_MODEL_VERSION or none). A canary call the server cannot answer
+    because it has no canary (the label is unknown, or its version is not loaded: before a canary is published,
+    after promote or rollback) is sent again to `primary`, so a rollout never fails a request."""
+
+    primary: str | None = None
+    canary_share: float = 0.0
+    pinned: bool = False  # the client names a version number
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ModelRouting:
+        # With a canary out, the highest version is the canary: the rest of the traffic must ask for stable.
+        primary = settings.model_label or (STABLE_LABEL if settings.canary_share > 0 else None)
+        return cls(primary, settings.canary_share, settings.model_version is not None)
+
+    def choose(self) -> str | None:
+        if self.canary_share > 0 and random.random() < self.canary_share:
+            return CANARY_LABEL
+        return self.primary
+
+    def name(self, label: str | None) -> str:
+        """`label` as metrics and headers show it."""
+        return label or (PINNED if self.pinned else LATEST)
+
+
+def canary_missing(error: ModelServerError) -> str | None:
+    """Why the server could not answer for the canary label, when it is that: label_unknown or not_loaded."""
+    if error.code == grpc.StatusCode.INVALID_ARGUMENT and UNRECOGNIZED_LABEL in error.server_details:
+        return "label_unknown"
+    if error.code == grpc.StatusCode.NOT_FOUND:
+        return "not_loaded"
+    return None
+
+
+# ----------------------------------------------------------------- what the app keeps of the knowledge base
+
+
+class KbBuild:
+    """Notices when the knowledge base was rebuilt, looking at most every `check_every_s`: its `kb_info` rows
+    changed (a digest of them), or, for a SQLite file, the file was replaced (build_kb renames a new file into
+    place; the engine's pooled connections are then dropped, since they still read the old file)."""
+
+    def __init__(self, engine: Engine, check_every_s: float = 2.0):
+        self.engine = engine
+        self.check_every_s = check_every_s
+        url = make_url(str(engine.url))
+        database = url.database if url.get_backend_name() == "sqlite" else None
+        self._sqlite_file = database if database and database != ":memory:" else None
+        self._lock = threading.Lock()
+        self._checked_at = -float("inf")
+        self._file: tuple[int, int] | None = None
+        self.identity: str | None = None
+
+    def _file_state(self) -> tuple[int, int] | None:
+        try:
+            stat = os.stat(self._sqlite_file) if self._sqlite_file else None
+        except FileNotFoundError:
+            return None
+        return (stat.st_ino, stat.st_mtime_ns) if stat else None
+
+    def _read_identity(self) -> str:
+        with self.engine.connect() as conn:
+            info = kb.kb_info(conn)
+        return hashlib.sha256(json.dumps(info, sort_keys=True, default=str).encode()).hexdigest()
+
+    def changed(self) -> bool:
+        """Whether the knowledge base is another build than at the last call (True at the first call)."""
+        now = time.monotonic()
+        if now - self._checked_at < self.check_every_s:
+            return False
+        with self._lock:
+            if now - self._checked_at < self.check_every_s:
+                return False
+            file = self._file_state()
+            if self.identity is not None and self._sqlite_file and file == self._file:
+                self._checked_at = now
+                return False
+            if self.identity is not None and file != self._file:
+                self.engine.dispose()  # connections checked out now are discarded when they come back
+            identity = self._read_identity()
+            changed = identity != self.identity
+            self.identity, self._file, self._checked_at = identity, file, now
+            return changed
+
+
+class RankingCache:
+    """Candidate rows per (category, preferences), least recently used dropped past `max_entries`; one
+    knowledge-base build's worth (cleared when the KB is rebuilt)."""
+
+    def __init__(self, max_entries: int = 2048):
+        self.max_entries = max_entries
+        self.generation = 0  # +1 at each clear: rows read before a rebuild are not put back after it
+        self._rows: OrderedDict[tuple[str, Preferences], list[ProductRow]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, category: str, preferences: Preferences) -> list[ProductRow] | None:
+        with self._lock:
+            rows = self._rows.get((category, preferences))
+            if rows is not None:
+                self._rows.move_to_end((category, preferences))
+            return rows
+
+    def put(self, category: str, preferences: Preferences, rows: list[ProductRow], generation: int) -> None:
+        with self._lock:
+            if generation != self.generation:
+                return
+            self._rows[(category, preferences)] = rows
+            if len(self._rows) > self.max_entries:
+                self._rows.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._rows.clear()
+            self.generation += 1
 
 
 def facts_dict(facts: kb.CategoryFacts) -> dict[str, Any]:
@@ -116,6 +255,12 @@ def facts_dict(facts: kb.CategoryFacts) -> dict[str, Any]:
 
 class Recommender:
     """The recommendation use case over one knowledge base and one model server."""
+
+    # Set by `route_models` (the app); the CLI keeps these: the client's own version selector, no metrics.
+    routing: ModelRouting = ModelRouting()
+    metrics: RecommenderMetrics | None = None
+    _kb_state: tuple[KbBuild, RankingCache] | None = None
+    _kb_state_lock = threading.Lock()
 
     def __init__(
         self, engine: Engine, client: PredictionClient, params: RecommenderParams, feedback: FeedbackBook | None = None
@@ -155,13 +300,76 @@ class Recommender:
                 self._class_to_category = {**self.params.class_to_category, **kb.class_categories(conn)}
         return self._class_to_category
 
+    def route_models(self, routing: ModelRouting, metrics: RecommenderMetrics | None = None) -> None:
+        """Ask for the version labels `routing` says, and count model calls and ranking-cache reads in `metrics`."""
+        self.routing, self.metrics = routing, metrics
+
     def predict(self, image: bytes, timings: Timings) -> Prediction:
+        """The model's answer for one photo, from the label `routing` picks (a canary the server does not have:
+        the primary label's); the label and version that answered go into `timings`."""
         top_k = max(self.params.top_k_classes, self.params.uncertain_max_categories)
+        routing = self.routing
+        label = routing.choose()
         with timings.hop("model"):
-            return self.client.predict_one(image, top_k=top_k)
+            try:
+                prediction = self._call_model(image, top_k, label)
+            except ModelServerError as error:
+                reason = canary_missing(error) if label == CANARY_LABEL else None
+                if reason is None:
+                    raise
+                if self.metrics is not None:
+                    self.metrics.canary_fallback(reason)
+                label = routing.primary
+                prediction = self._call_model(image, top_k, label)
+        timings.model_label, timings.model_version = routing.name(label), prediction.model_version
+        return prediction
+
+    def _call_model(self, image: bytes, top_k: int, label: str | None) -> Prediction:
+        name = self.routing.name(label)
+        try:
+            prediction = self.client.predict_one(image, top_k=top_k, version_label=label)
+        except ModelServerError as error:
+            if self.metrics is not None:
+                self.metrics.model_call(name, None, error.code.name)
+            raise
+        if self.metrics is not None:
+            self.metrics.model_call(name, prediction.model_version, OK)
+        return prediction
+
+    def _kb(self) -> tuple[KbBuild, RankingCache]:
+        if self._kb_state is None:
+            with self._kb_state_lock:
+                if self._kb_state is None:
+                    self._kb_state = (KbBuild(self.engine), RankingCache())
+        return self._kb_state
+
+    def refresh_kb(self) -> None:
+        """Forget what was read of the knowledge base once it was rebuilt (noticed within seconds: KbBuild)."""
+        build, cache = self._kb()
+        if build.changed():
+            cache.clear()
+            self._class_to_category = None
+            self._facts = None
+            if self.metrics is not None:
+                self.metrics.kb_build()
+
+    def candidate_rows(self, categories: list[str], preferences: Preferences) -> dict[str, list[ProductRow]]:
+        """Each category's candidate rows for `preferences`: from the ranking cache, else the knowledge base."""
+        _, cache = self._kb()
+        generation = cache.generation
+        rows = {c: cache.get(c, preferences) for c in categories}
+        missing = [c for c, found in rows.items() if found is None]
+        if missing:
+            with self.engine.connect() as conn:
+                for category in missing:
+                    rows[category] = kb.candidate_rows(conn, category, preferences, self.params.candidate_pool)
+                    cache.put(category, preferences, rows[category], generation)
+        if self.metrics is not None:
+            self.metrics.kb_cache(hits=len(categories) - len(missing), misses=len(missing))
+        return rows
 
     def category_facts(self) -> dict[str, kb.CategoryFacts]:
-        """Facts of every category, read once: the knowledge base is read-only while the app runs."""
+        """Facts of every category, read once per knowledge-base build."""
         if self._facts is None:
             with self.engine.connect() as conn:
                 self._facts = kb.category_facts(conn)
@@ -170,6 +378,8 @@ class Recommender:
     def recommend_prediction(
         self, prediction: Prediction, preferences: Preferences, timings: Timings
     ) -> tuple[RecommendationResult, dict[str, kb.CategoryFacts]]:
+        with timings.hop("db"):
+            self.refresh_kb()
         mapping = self.class_to_category()
         params = self.params
         # The served version's own threshold, so a new model version brings its own notion of "not sure".
@@ -180,10 +390,7 @@ class Recommender:
         categories = list(dict.fromkeys(c.category for c in choices if c.category))
         with timings.hop("db"):
             facts = self.category_facts()
-            rows = {}
-            if categories:
-                with self.engine.connect() as conn:
-                    rows = {c: kb.candidate_rows(conn, c, preferences, params.candidate_pool) for c in categories}
+            rows = self.candidate_rows(categories, preferences)
         with timings.hop("rank"):
             result = recommend(
                 prediction.top_k,

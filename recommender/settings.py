@@ -9,6 +9,8 @@ default written once here. Ranking numbers are not settings: they live in params
     PRODUCTLENS_MODEL_SIGNATURE      signature (default serving_default)
     PRODUCTLENS_MODEL_VERSION        a model version number, or
     PRODUCTLENS_MODEL_LABEL          a version label (e.g. stable); neither = the latest version
+    PRODUCTLENS_CANARY_SHARE         share of requests (0..1) sent to the `canary` version label (default 0); the
+                                     rest go to PRODUCTLENS_MODEL_LABEL, or to `stable` when that is unset
     PRODUCTLENS_MODEL_TIMEOUT_S      deadline of each model call, retries included (default 5)
     PRODUCTLENS_MAX_UPLOAD_BYTES     upload size cap (default 10 MiB)
     PRODUCTLENS_PARAMS               params.yaml holding the `recommender:` section (default params.yaml)
@@ -53,6 +55,7 @@ class Settings(BaseSettings):
     model_version: int | None = None
     model_label: str | None = None
     model_timeout_s: PositiveFloat = 5.0
+    canary_share: float = Field(0.0, ge=0.0, le=1.0)
     max_upload_bytes: PositiveInt = 10 * 1024 * 1024
     params_path: Path = Field(DEFAULT_PARAMS_PATH, validation_alias=f"{ENV_PREFIX}PARAMS")
     # Under docker's 10 s stop timeout (compose) and Kubernetes' 30 s grace period, so a stalled upload is
@@ -65,6 +68,8 @@ class Settings(BaseSettings):
     def _one_model_version_selector(self) -> Settings:
         if self.model_version is not None and self.model_label:
             raise ValueError(f"set {ENV_PREFIX}MODEL_VERSION or {ENV_PREFIX}MODEL_LABEL, not both")
+        if self.model_version is not None and self.canary_share > 0:
+            raise ValueError(f"{ENV_PREFIX}CANARY_SHARE needs version labels: unset {ENV_PREFIX}MODEL_VERSION")
         return self
 
     def feedback_database_url(self) -> str:

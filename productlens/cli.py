@@ -45,6 +45,7 @@ def publish(args: argparse.Namespace) -> int:
 
 def feedback_export(args: argparse.Namespace) -> int:
     """Users' answers -> their photos in the dataset under the users' class, and the list to review blind."""
+    from common.reviews import read_reviews
     from recommender.feedback import FeedbackBook, export_feedback, summary, write_candidates
 
     overrides = {"db_url": args.db_url, "feedback_dir": args.feedback_dir, "feedback_db_url": args.feedback_db_url}
@@ -58,7 +59,8 @@ def feedback_export(args: argparse.Namespace) -> int:
         answers = book.answers()
     finally:
         book.close()
-    result = export_feedback(answers, book.store, args.dataset, book.rules.classes, args.corrected_only)
+    reviewed = read_reviews(args.reviews)["sha256"]  # an absent file: no reviews yet
+    result = export_feedback(answers, book.store, args.dataset, book.rules.classes, reviewed, args.corrected_only)
     write_candidates(args.candidates, result.candidates)
     atomic_write_json(args.report, result.to_dict())
     print(summary(result, book.where(), args.dataset, args.candidates))
@@ -72,12 +74,19 @@ def add_feedback_commands(commands: argparse._SubParsersAction) -> None:
         "export",
         help="copy answered photos the dataset lacks into it (under the users' class); list them for blind review",
         description="Copy each answered photo the dataset lacks to DATASET/<class>/feedback-<sha256[:16]>.<ext> under "
-        "the class the users gave (a given label, like a folder's), and write the review candidates (their sha256) "
+        "the class the users gave (a given label, like a folder's), and write the review candidates (the sha256 of "
+        "the answered photos in the dataset without a decision in --reviews) "
         "for `productlens review sheets --candidates`. The answers are not labels: review the candidates blind, "
         "then validate and `dvc add data`.",
     )
     export.add_argument("--dataset", type=Path, default=Path("data/images"), help="the dataset's class folders")
     export.add_argument("--candidates", type=Path, default=Path("reports/feedback/candidates.csv"))
+    export.add_argument(
+        "--reviews",
+        type=Path,
+        default=Path("labels/reviews.csv"),
+        help="photos with a decision here are not candidates",
+    )
     export.add_argument("--report", type=Path, default=Path("reports/feedback/export.json"), help="the counts, as JSON")
     export.add_argument(
         "--params", type=Path, default=Path("params.yaml"), help="its validate: section has the classes"

@@ -320,7 +320,8 @@ class FeedbackExport:
     corrected: int = 0
     photos: int = 0
     added_per_class: dict[str, int] = field(default_factory=dict)
-    already_in_dataset: int = 0
+    already_in_dataset: int = 0  # not copied: the dataset has them (a dataset photo answered, or an earlier export)
+    already_reviewed: int = 0  # not candidates: labels/reviews.csv has a decision
     only_confirmed: int = 0  # left out with corrected_only
     missing_from_store: list[str] = field(default_factory=list)
     candidates: list[str] = field(default_factory=list)
@@ -338,13 +339,17 @@ def export_feedback(
     store: FeedbackStore,
     dataset_dir: Path,
     classes: Sequence[str],
+    reviewed: Iterable[str] = (),
     corrected_only: bool = False,
 ) -> FeedbackExport:
     """Copy each answered photo the dataset lacks to `<dataset_dir>/<given class>/feedback-<sha256[:16]>.<ext>`.
 
     The given class is the users' (`given_class`): a folder label like any other, which the blind review then
-    confirms, corrects or excludes. Returns the counts and the candidates (the added photos' sha256) to review.
+    confirms, corrects or excludes. The candidates are the answered photos in the dataset (just copied, copied by an
+    earlier export, or there from the start) whose sha256 is not `reviewed` yet, so a second export lists the same
+    ones until they are reviewed. Returns them with the counts.
     """
+    reviewed = set(reviewed)
     by_photo: dict[str, list[FeedbackRecord]] = defaultdict(list)
     result = FeedbackExport()
     for answer in answers:
@@ -361,20 +366,25 @@ def export_feedback(
             continue
         if sha256 in in_dataset:
             result.already_in_dataset += 1
-            continue
-        source = store.find(sha256)
-        if source is None:
-            log.warning("the feedback store has no photo %s (answer %d): left out", sha256, photo_answers[0].id)
-            result.missing_from_store.append(sha256)
-            continue
-        label = given_class(photo_answers)
-        if label not in classes:
-            raise ValueError(f"photo {sha256} was answered '{label}', which is not one of the classes {list(classes)}")
-        target = dataset_dir / label / f"{FEEDBACK_FILE_PREFIX}{sha256[:16]}{source.suffix}"
-        atomic_write_bytes(target, source.read_bytes())
-        target.chmod(0o644)
-        added[label] += 1
-        result.candidates.append(sha256)
+        else:
+            source = store.find(sha256)
+            if source is None:
+                log.warning("the feedback store has no photo %s (answer %d): left out", sha256, photo_answers[0].id)
+                result.missing_from_store.append(sha256)
+                continue
+            label = given_class(photo_answers)
+            if label not in classes:
+                raise ValueError(
+                    f"photo {sha256} was answered '{label}', which is not one of the classes {list(classes)}"
+                )
+            target = dataset_dir / label / f"{FEEDBACK_FILE_PREFIX}{sha256[:16]}{source.suffix}"
+            atomic_write_bytes(target, source.read_bytes())
+            target.chmod(0o644)
+            added[label] += 1
+        if sha256 in reviewed:
+            result.already_reviewed += 1
+        else:
+            result.candidates.append(sha256)
     result.added_per_class = dict(sorted(added.items()))
     return result
 
@@ -392,13 +402,15 @@ def summary(result: FeedbackExport, source: str, dataset_dir: Path, candidates_p
         + (f" ({', '.join(f'{c} {n}' for c, n in result.added_per_class.items())})" if result.added else ""),
     ]
     if result.already_in_dataset:
-        lines.append(f"{result.already_in_dataset} photos already in the dataset: left out")
+        lines.append(f"{result.already_in_dataset} photos already in the dataset: not copied")
+    if result.already_reviewed:
+        lines.append(f"{result.already_reviewed} photos already reviewed: not candidates")
     if result.only_confirmed:
         lines.append(f"{result.only_confirmed} photos only confirmed: left out (--corrected-only)")
     if result.missing_from_store:
         lines.append(f"{len(result.missing_from_store)} photos missing from the feedback store: left out")
     lines.append(
-        f"{len(result.candidates)} review candidates -> {candidates_path}: the answers are not labels; review them "
-        f"blind (productlens review sheets --candidates {candidates_path}) before `dvc add data`"
+        f"{len(result.candidates)} review candidates (not reviewed yet) -> {candidates_path}: the answers are not "
+        f"labels; review them blind (productlens review sheets --candidates {candidates_path}) before `dvc add data`"
     )
     return "\n".join(lines)

@@ -116,35 +116,38 @@ def test_feedback_export_then_blind_review_of_the_candidates(
     try:
         corrected_sha = book.record(predicted_class="mouse", user_class="keyboard", image=corrected)[0].image_sha256
         confirmed_sha = book.record(predicted_class="keyboard", user_class="keyboard", image=confirmed)[0].image_sha256
-        book.record(
-            predicted_class="mouse", user_class="mouse", image=(images / "mouse" / "mouse_0001.jpg").read_bytes()
-        )
+        in_dataset = (images / "mouse" / "mouse_0001.jpg").read_bytes()
+        in_dataset_sha = book.record(predicted_class="mouse", user_class="mouse", image=in_dataset)[0].image_sha256
     finally:
         book.close()
 
+    reviews = tmp_path / "reviews.csv"
     candidates, report = tmp_path / "reports" / "candidates.csv", tmp_path / "reports" / "export.json"
     export = ["feedback", "export", "--dataset", str(images), "--candidates", str(candidates), "--report", str(report)]
-    assert main([*export, "--params", str(params), "--feedback-dir", str(store)]) == 0
+    export += ["--reviews", str(reviews), "--params", str(params), "--feedback-dir", str(store)]
+    assert main(export) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"3 answers in {sqlite_url(store / 'feedback.db')} (2 confirmed, 1 corrected) on 3 photos\n")
     assert "added 2 photos to" in out and "(keyboard 2)" in out and "1 photos already in the dataset" in out
+    assert "3 review candidates (not reviewed yet)" in out
     assert (images / "keyboard" / f"feedback-{corrected_sha[:16]}.jpg").read_bytes() == corrected
 
     # The review tool sees the dataset once validate has listed it (its manifest), and shows only the candidates.
     manifest = tmp_path / "manifest.csv"
     build_manifest(images).to_csv(manifest, index=False)
-    reviews, sheets = tmp_path / "reviews.csv", tmp_path / "sheets"
+    sheets = tmp_path / "sheets"
     review = ["review", "--manifest", str(manifest), "--images", str(images), "--params", str(params)]
     review += ["--reviews", str(reviews)]
     assert main([*review, "sheets", "--candidates", str(candidates), "--out", str(sheets)]) == 0
-    assert capsys.readouterr().out.startswith("2 images to review on 1 sheets")
+    assert capsys.readouterr().out.startswith("3 images to review on 1 sheets")
     sheet = json.loads((sheets / "candidates-001.json").read_text())
-    assert sorted(sheet["tiles"].values()) == sorted([corrected_sha, confirmed_sha])
+    assert sorted(sheet["tiles"].values()) == sorted([corrected_sha, confirmed_sha, in_dataset_sha])
     assert (sheets / sheet["sheet"]).stat().st_size > 1000
     tile_of = {sha: tile for tile, sha in sheet["tiles"].items()}
 
     # The reviewer's decision, not the users' answer, is the label; the answer is only the given label.
     decisions = [f"{tile_of[corrected_sha]}=mouse", f"{tile_of[confirmed_sha]}=np:a fan, not a keyboard"]
+    decisions.append(f"{tile_of[in_dataset_sha]}=mouse")
     assert main([*review, "record", str(sheets / "candidates-001.json"), "--reviewer", "alice", *decisions]) == 0
     rows = pd.read_csv(reviews).set_index("sha256")
     assert rows.loc[corrected_sha, ["file", "given_label", "decision"]].tolist() == [
@@ -156,6 +159,9 @@ def test_feedback_export_then_blind_review_of_the_candidates(
     capsys.readouterr()
     assert main([*review, "sheets", "--candidates", str(candidates), "--out", str(sheets)]) == 0
     assert capsys.readouterr().out.startswith("0 images to review")
+    assert main(export) == 0
+    out = capsys.readouterr().out
+    assert "added 0 photos" in out and "3 photos already reviewed" in out and "0 review candidates" in out
 
 
 def test_review_sheets_refuse_candidates_the_dataset_does_not_have_yet(

@@ -334,7 +334,7 @@ def test_on_postgresql_answers_live_in_the_kb_database_and_survive_its_rebuild(
 # ----------------------------------------------------------------- export
 
 
-def test_export_adds_the_photos_the_dataset_lacks_under_the_users_class_and_lists_them_for_review(
+def test_export_adds_the_photos_the_dataset_lacks_under_the_users_class_and_lists_them_until_reviewed(
     tmp_path: Path,
 ) -> None:
     dataset = write_dataset(tmp_path / "images", ["keyboard", "monitor", "mouse"], per_class=2)
@@ -358,10 +358,10 @@ def test_export_adds_the_photos_the_dataset_lacks_under_the_users_class_and_list
     only_corrected = export_feedback(answers, store, tmp_path / "dry", CLASS_NAMES, corrected_only=True)
     assert only_corrected.candidates == [sha256(corrected), sha256(disputed)] and only_corrected.only_confirmed == 2
 
-    result = export_feedback(answers, store, dataset, CLASS_NAMES)
+    result = export_feedback(answers, store, dataset, CLASS_NAMES, reviewed=[sha256(in_dataset)])
     assert (result.answers, result.confirmed, result.corrected, result.photos) == (7, 5, 2, 4)
     assert result.candidates == [sha256(corrected), sha256(confirmed), sha256(disputed)]
-    assert result.already_in_dataset == 1
+    assert (result.already_in_dataset, result.already_reviewed) == (1, 1)
     assert result.added_per_class == {"keyboard": 1, "monitor": 1, "mouse": 1}  # disputed: 2 users said mouse, 1 not
     assert (dataset / "keyboard" / f"feedback-{sha256(corrected)[:16]}.jpg").read_bytes() == corrected
     assert (dataset / "mouse" / f"feedback-{sha256(disputed)[:16]}.jpg").read_bytes() == disputed
@@ -371,5 +371,9 @@ def test_export_adds_the_photos_the_dataset_lacks_under_the_users_class_and_list
     listed = pd.read_csv(tmp_path / "candidates.csv")
     assert list(listed.columns) == ["sha256"] and list(listed["sha256"]) == result.candidates  # no answer in view
 
+    # Another export copies nothing and lists every answered photo of the dataset that has no decision yet.
     again = export_feedback(answers, store, dataset, CLASS_NAMES)
-    assert again.candidates == [] and again.already_in_dataset == 4
+    assert (again.added, again.already_in_dataset) == (0, 4)
+    assert again.candidates == [*result.candidates, sha256(in_dataset)]
+    done = export_feedback(answers, store, dataset, CLASS_NAMES, reviewed=again.candidates)
+    assert done.candidates == [] and done.already_reviewed == 4

@@ -117,7 +117,7 @@ def test_a_model_without_a_not_sure_threshold_is_an_error_not_a_default(threshol
         assert f"model 'productlens' version {legacy} (signature 'serving_default') has no 'not_sure_threshold'" in str(
             error
         )
-        assert "python -m components.export" in error.details
+        assert "make publish" in error.details  # says how to serve a model that carries the threshold
 
 
 def test_unknown_model_or_version_is_not_found_without_retry(model_server: ModelServerHandle) -> None:

@@ -41,6 +41,13 @@ def test_k8s_batching_file_is_the_local_one() -> None:
     assert options.max_batch_size == 32
 
 
+def test_k8s_serves_metrics_with_the_local_monitoring_config() -> None:
+    assert (K8S / "monitoring.config").read_text() == (ROOT / "serving" / "monitoring.config").read_text()
+    deployment = (K8S / "deployment.yaml").read_text()
+    assert "--monitoring_config_file=/config/monitoring.config" in deployment
+    assert "monitoring.config" in (K8S / "kustomization.yaml").read_text()
+
+
 def test_official_image_is_pinned_to_the_tensorflow_that_exports_the_model() -> None:
     image = f"tensorflow/serving:{pinned_tensorflow()}"
     assert deployment_container()["image"] == image

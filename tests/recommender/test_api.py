@@ -131,7 +131,7 @@ def test_a_model_without_a_not_sure_threshold_is_a_clear_503(
     assert response.status_code == 503
     detail = response.json()["detail"]
     assert detail.startswith("The model server serves a model this service cannot use: model 'productlens' version")
-    assert "has no 'not_sure_threshold' output" in detail and "python -m components.export" in detail
+    assert "has no 'not_sure_threshold' output" in detail and "make publish" in detail
     assert_no_stack_trace(response)
     assert health.status_code == 503
     assert health.json()["model"]["ok"] is False and "not_sure_threshold" in health.json()["model"]["detail"]

@@ -134,9 +134,10 @@ bench-recommender: setup ## Benchmark HTTP -> gRPC -> database at concurrency 1 
 
 .PHONY: serve
 serve: HOST ?= 127.0.0.1
-serve: setup ## Serve the latest export under models/ like TF Serving: gRPC 127.0.0.1:8500, REST :8501 + metrics (HOST=0.0.0.0: every interface)
+serve: MODELS_CONFIG ?= serving/models.config
+serve: setup ## Serve models/ like TF Serving: gRPC 127.0.0.1:8500, REST :8501 + metrics (HOST=0.0.0.0: every interface; MODELS_CONFIG=another models.config)
 	@ls -d models/productlens/[0-9]* >/dev/null 2>&1 || echo "No version under models/productlens yet: run 'make repro' (the server waits and loads it when it appears)."
-	$(BIN)/python -m serving.server --host=$(HOST) --port=8500 --rest_api_port=8501 --model_config_file=serving/models.config \
+	$(BIN)/python -m serving.server --host=$(HOST) --port=8500 --rest_api_port=8501 --model_config_file=$(MODELS_CONFIG) \
 		--enable_batching --batching_parameters_file=serving/batching.config --monitoring_config_file=serving/monitoring.config
 
 .PHONY: review-sheets

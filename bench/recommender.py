@@ -7,7 +7,15 @@ form + image checks, model = the gRPC call, db, rank, http = everything else: uv
 the client), and the baseline measured in the same run: the same photos sent straight to the model
 server with the gRPC client. The goal: the recommender adds <= 20% on top of the model call at p50.
 
-    python -m bench.recommender [--model-base-path models/productlens] [--requests 200] [--json out.json]
+The baseline and the app are measured in alternating rounds (`--rounds`, the order rotating), so a machine whose
+load changes during the run (2 shared cores) moves both alike. `--compare-app DIR` adds the app of another
+checkout (e.g. `git worktree add /tmp/before HEAD~3`) on the same model server and knowledge base, in the same
+rounds: before and after a change, measured in one run. Every request asks for the same preferences
+(budget_max=300) unless `--distinct-budgets N` cycles through N budgets (N >= the requests: no ranking-cache hit);
+the app's /metrics gives the cache's hits and misses.
+
+    python -m bench.recommender [--model-base-path models/productlens] [--requests 200] [--rounds 6]
+        [--compare-app DIR] [--distinct-budgets 1] [--json out.json]
 
 Without an exported model under --model-base-path, the benchmark exports a stand-in with the production
 architecture (train.architecture, MobileNetV2 from the ImageNet weights, untrained head): its latency is
@@ -49,10 +57,17 @@ def free_port() -> int:
 
 
 @contextmanager
-def app_process(command: list[str], env: dict[str, str], log: Path, ready: Callable[[], bool], timeout_s: float = 180):
+def app_process(
+    command: list[str],
+    env: dict[str, str],
+    log: Path,
+    ready: Callable[[], bool],
+    timeout_s: float = 180,
+    cwd: Path = REPO_ROOT,
+):
     """Run the recommender app until the block ends; yield once `ready()` (its health check) is true."""
     with open(log, "wb") as out:
-        proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + timeout_s
         while not ready():
@@ -97,8 +112,11 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
 
 
-def run_load(call: Callable[[int], dict[str, float]], requests: int, concurrency: int) -> dict[str, Any]:
-    """`requests` calls over `concurrency` threads; each call returns {"total": ms, hop: ms, ...}."""
+def run_samples(
+    call: Callable[[int], dict[str, float]], requests: int, concurrency: int, first: int = 0
+) -> tuple[list[dict[str, float]], float]:
+    """`requests` calls (indices first, first + 1, ...) over `concurrency` threads; each returns {"total": ms, hop:
+    ms, ...}. Returns the samples and the seconds they took."""
     results: list[dict[str, float]] = []
     lock = threading.Lock()
 
@@ -109,13 +127,16 @@ def run_load(call: Callable[[int], dict[str, float]], requests: int, concurrency
 
     start = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
-        list(pool.map(worker, range(requests)))
-    elapsed = time.perf_counter() - start
+        list(pool.map(worker, range(first, first + requests)))
+    return results, time.perf_counter() - start
+
+
+def summarize(results: list[dict[str, float]], elapsed_s: float, concurrency: int) -> dict[str, Any]:
     totals = [r["total"] for r in results]
     summary: dict[str, Any] = {
-        "requests": requests,
+        "requests": len(results),
         "concurrency": concurrency,
-        "requests_per_s": requests / elapsed,
+        "requests_per_s": len(results) / elapsed_s,
         "p50_ms": statistics.median(totals),
         "p99_ms": percentile(totals, 99),
     }
@@ -127,6 +148,44 @@ def run_load(call: Callable[[int], dict[str, float]], requests: int, concurrency
     return summary
 
 
+def run_load(call: Callable[[int], dict[str, float]], requests: int, concurrency: int) -> dict[str, Any]:
+    """`requests` calls over `concurrency` threads, summarized (requests/s, p50, p99, hop shares)."""
+    results, elapsed = run_samples(call, requests, concurrency)
+    return summarize(results, elapsed, concurrency)
+
+
+def interleaved(
+    calls: dict[str, Callable[[int], dict[str, float]]], requests: int, concurrency: int, rounds: int
+) -> dict[str, dict[str, Any]]:
+    """Each call `requests` times, in `rounds` alternating rounds (the order rotating each round), summarized."""
+    samples: dict[str, list[dict[str, float]]] = {name: [] for name in calls}
+    elapsed = dict.fromkeys(calls, 0.0)
+    names = list(calls)
+    per_round = max(1, requests // rounds)
+    for round_ in range(rounds):
+        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
+            results, seconds = run_samples(calls[name], per_round, concurrency, first=round_ * per_round)
+            samples[name] += results
+            elapsed[name] += seconds
+    return {name: summarize(samples[name], elapsed[name], concurrency) for name in calls}
+
+
+def cache_counts(app_url: str) -> dict[str, float] | None:
+    """The app's ranking-cache hits and misses from its /metrics (None: an app without them)."""
+    import requests as http
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = http.get(f"{app_url}/metrics", timeout=10)
+    if response.status_code != 200:
+        return None
+    counts = {"hit": 0.0, "miss": 0.0}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            if sample.name == "productlens_recommender_kb_cache_total":
+                counts[sample.labels["result"]] = sample.value
+    return counts
+
+
 def parse_server_timing(header: str) -> dict[str, float]:
     timings = {}
     for part in header.split(","):
@@ -134,6 +193,27 @@ def parse_server_timing(header: str) -> dict[str, float]:
         if duration:
             timings[name] = float(duration)
     return timings
+
+
+def start_app(stack: ExitStack, root: Path, workdir: Path, grpc_address: str, db_url: str | None) -> str:
+    """The recommender app of the checkout at `root` as a process on a free port; returns its URL."""
+    import requests as http
+
+    url = f"http://127.0.0.1:{free_port()}"
+
+    def healthy() -> bool:
+        try:
+            return http.get(f"{url}/healthz", timeout=2).status_code == 200
+        except http.RequestException:
+            return False
+
+    command = [sys.executable, "-m", "recommender.app", "--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1]]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(root), PRODUCTLENS_MODEL_GRPC=grpc_address,
+               PRODUCTLENS_MODEL_NAME=MODEL_NAME)  # fmt: skip
+    if db_url:
+        env["PRODUCTLENS_DB_URL"] = db_url
+    stack.enter_context(app_process(command, env, workdir / f"app-{root.name}.log", healthy, cwd=root))
+    return url
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,8 +224,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-base-path", type=Path, default=REPO_ROOT / "models" / "productlens")
     parser.add_argument("--db-url", default=os.environ.get("PRODUCTLENS_DB_URL"))
-    parser.add_argument("--requests", type=int, default=200, help="requests per concurrency level")
+    parser.add_argument("--requests", type=int, default=200, help="requests per concurrency level and kind")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--rounds", type=int, default=6, help="alternating rounds per level (default %(default)s)")
+    parser.add_argument("--compare-app", type=Path, help="also measure the app of this checkout (before a change)")
+    parser.add_argument(
+        "--distinct-budgets", type=int, default=1, help="cycle budget_max through this many values (default 1)"
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
 
@@ -157,30 +242,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no exported model under {base_path}: exporting a stand-in with the production architecture")
         base_path = stand_in_model(workdir, [photo.data for photo in photos])
         model_kind = "stand-in (production architecture, untrained head)"
-    app_port = free_port()
-    app_url = f"http://127.0.0.1:{app_port}"
-
-    def healthy() -> bool:
-        try:
-            return http.get(f"{app_url}/healthz", timeout=2).status_code == 200
-        except http.RequestException:
-            return False
 
     model_args = [f"--model_name={MODEL_NAME}", f"--model_base_path={base_path}", "--rest_api_port=0"]
-    app_cmd = [sys.executable, "-m", "recommender.app", "--host", "127.0.0.1", "--port", str(app_port)]
-    figures: dict[str, Any] = {"model": model_kind, "photos": len(photos), "levels": []}
+    figures: dict[str, Any] = {
+        "model": model_kind, "photos": len(photos), "rounds": args.rounds, "distinct_budgets": args.distinct_budgets,
+        "compare_app": str(args.compare_app) if args.compare_app else None, "levels": [],
+    }  # fmt: skip
     with ExitStack() as stack:
         model_server = stack.enter_context(model_server_process(workdir / "model_server", model_args, timeout_s=180))
-        app_env = dict(
-            os.environ,
-            TF_CPP_MIN_LOG_LEVEL="2",
-            PYTHONPATH=str(REPO_ROOT),
-            PRODUCTLENS_MODEL_GRPC=model_server.grpc_address,
-            PRODUCTLENS_MODEL_NAME=MODEL_NAME,
-        )
-        if args.db_url:
-            app_env["PRODUCTLENS_DB_URL"] = args.db_url
-        stack.enter_context(app_process(app_cmd, app_env, workdir / "app.log", healthy))
+        apps = {"app": start_app(stack, REPO_ROOT, workdir, model_server.grpc_address, args.db_url)}
+        if args.compare_app:
+            root = args.compare_app.resolve()
+            apps["compare"] = start_app(stack, root, workdir, model_server.grpc_address, args.db_url)
         client = stack.enter_context(PredictionClient(model_server.grpc_address, timeout_s=30))
         local = threading.local()
 
@@ -194,37 +267,52 @@ def main(argv: list[str] | None = None) -> int:
             client.predict_one(photos[i % len(photos)].data, top_k=3)
             return {"total": (time.perf_counter() - start) * 1000}
 
-        def end_to_end(i: int) -> dict[str, float]:
-            photo = photos[i % len(photos)]
-            start = time.perf_counter()
-            response = session().post(
-                f"{app_url}/v1/recommendations",
-                files={"image": (f"{photo.class_name}.jpg", photo.data, "image/jpeg")},
-                data={"budget_max": "300"},
-                timeout=60,
-            )
-            total = (time.perf_counter() - start) * 1000
-            response.raise_for_status()
-            hops = parse_server_timing(response.headers["Server-Timing"])
-            hops["http"] = total - sum(hops.get(h, 0.0) for h in ("upload", "model", "db", "rank"))
-            return {"total": total, **{h: hops.get(h, 0.0) for h in HOPS}}
+        def end_to_end(app_url: str) -> Callable[[int], dict[str, float]]:
+            def call(i: int) -> dict[str, float]:
+                photo = photos[i % len(photos)]
+                start = time.perf_counter()
+                response = session().post(
+                    f"{app_url}/v1/recommendations",
+                    files={"image": (f"{photo.class_name}.jpg", photo.data, "image/jpeg")},
+                    data={"budget_max": str(300 + i % args.distinct_budgets)},
+                    timeout=60,
+                )
+                total = (time.perf_counter() - start) * 1000
+                response.raise_for_status()
+                hops = parse_server_timing(response.headers["Server-Timing"])
+                hops["http"] = total - sum(hops.get(h, 0.0) for h in ("upload", "model", "db", "rank"))
+                return {"total": total, **{h: hops.get(h, 0.0) for h in HOPS}}
 
-        run_load(model_call, 20, 1)  # warm up both paths (graph tracing, connections, SQLite pages)
-        run_load(end_to_end, 20, 1)
+            return call
+
+        calls = {"model_call": model_call, **{name: end_to_end(url) for name, url in apps.items()}}
+        for call in calls.values():  # warm up every path (graph tracing, connections, SQLite pages)
+            run_load(call, 20, 1)
         for concurrency in args.concurrency:
-            model = run_load(model_call, args.requests, concurrency)
-            e2e = run_load(end_to_end, args.requests, concurrency)
-            overhead = e2e["p50_ms"] / model["p50_ms"] - 1
-            figures["levels"].append({"concurrency": concurrency, "model_call": model, "end_to_end": e2e,
-                                      "overhead_p50": overhead})  # fmt: skip
-            shares = ", ".join(f"{hop} {share:.0%}" for hop, share in e2e["share"].items())
-            print(
-                f"concurrency {concurrency}: end to end {e2e['requests_per_s']:.1f} req/s, "
-                f"p50 {e2e['p50_ms']:.1f} ms, p99 {e2e['p99_ms']:.1f} ms | model call alone "
-                f"{model['requests_per_s']:.1f} req/s, p50 {model['p50_ms']:.1f} ms, p99 {model['p99_ms']:.1f} ms | "
-                f"recommender adds {overhead:+.0%} at p50 (goal <= +20%) | time shares: {shares}"
-            )
-    print(f"model: {model_kind}; {len(photos)} held-out test photos; {args.requests} requests per level")
+            measured = interleaved(calls, args.requests, concurrency, args.rounds)
+            model = measured["model_call"]
+            level: dict[str, Any] = {"concurrency": concurrency, "model_call": model}
+            for name in apps:
+                e2e = measured[name]
+                overhead = e2e["p50_ms"] / model["p50_ms"] - 1
+                level[name] = {**e2e, "overhead_p50": overhead}
+                shares = ", ".join(f"{hop} {share:.0%}" for hop, share in e2e["share"].items())
+                print(
+                    f"concurrency {concurrency}: {name}: end to end {e2e['requests_per_s']:.1f} req/s, "
+                    f"p50 {e2e['p50_ms']:.1f} ms, p99 {e2e['p99_ms']:.1f} ms | model call alone "
+                    f"{model['requests_per_s']:.1f} req/s, p50 {model['p50_ms']:.1f} ms, p99 {model['p99_ms']:.1f} ms"
+                    f" | recommender adds {overhead:+.0%} at p50 (goal <= +20%) | time shares: {shares}"
+                )
+            figures["levels"].append(level)
+        for name, url in apps.items():
+            counts = cache_counts(url)
+            figures[f"{name}_cache"] = counts
+            if counts is not None:
+                print(f"{name}: ranking cache {counts['hit']:.0f} hits, {counts['miss']:.0f} misses (warm-up included)")
+    print(
+        f"model: {model_kind}; {len(photos)} held-out test photos; {args.requests} requests per level and kind in "
+        f"{args.rounds} alternating rounds; {args.distinct_budgets} distinct budget(s)"
+    )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(figures, indent=2) + "\n")

@@ -233,7 +233,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        recommender.close()
+        await recommender.aclose()
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

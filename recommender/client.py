@@ -144,8 +144,11 @@ class PredictionClient:
                 ("grpc.service_config", retry_service_config(retries + 1, backoff_s, max_backoff_s)),
                 ("grpc.per_rpc_retry_buffer_size", RETRY_BUFFER_BYTES),
             ]
+        self._options = options
         self._channel = grpc.insecure_channel(target, options=options)
         self._stub = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
+        self._aio_channel: grpc.aio.Channel | None = None
+        self._aio_stub: prediction_service_pb2_grpc.PredictionServiceStub | None = None
 
     def close(self) -> None:
         self._channel.close()
@@ -174,31 +177,58 @@ class PredictionClient:
         try:
             return method(request, timeout=timeout)
         except grpc.RpcError as error:
-            code, details = error.code(), error.details() or ""
-            if code == grpc.StatusCode.UNAVAILABLE:
-                raise ModelUnavailableError(
-                    code, f"cannot reach the model server at {self.target} ({details}); is it running?"
-                ) from error
-            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-                raise ModelUnavailableError(
-                    code, f"the model server at {self.target} did not answer within {timeout:.1f}s"
-                ) from error
-            raise ModelServerError(code, readable_error(details, "no reason given"), details) from error
+            raise self._error(error, timeout) from error
 
-    def predict(self, images: Sequence[bytes], top_k: int = 3, version_label: str | None = None) -> list[Prediction]:
-        """Top-k classes for each encoded image (JPEG/PNG bytes), in the order given; `version_label` asks this
-        call's version by label instead of the client's own selector."""
+    def _error(self, error: grpc.RpcError, timeout: float) -> ModelServerError:
+        code, details = error.code(), error.details() or ""
+        if code == grpc.StatusCode.UNAVAILABLE:
+            return ModelUnavailableError(
+                code, f"cannot reach the model server at {self.target} ({details}); is it running?"
+            )
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return ModelUnavailableError(
+                code, f"the model server at {self.target} did not answer within {timeout:.1f}s"
+            )
+        return ModelServerError(code, readable_error(details, "no reason given"), details)
+
+    def _predict_request(self, images: Sequence[bytes], version_label: str | None) -> predict_pb2.PredictRequest:
         request = predict_pb2.PredictRequest()
         self._model_spec(request.model_spec, version_label=version_label)
         tensor = request.inputs[IMAGE_BYTES]
         tensor.dtype = types_pb2.DT_STRING
         tensor.tensor_shape.dim.add(size=len(images))
         tensor.string_val.extend(images)
-        response = self._call(self._stub.Predict, request)
+        return request
+
+    def predict(self, images: Sequence[bytes], top_k: int = 3, version_label: str | None = None) -> list[Prediction]:
+        """Top-k classes for each encoded image (JPEG/PNG bytes), in the order given; `version_label` asks this
+        call's version by label instead of the client's own selector."""
+        response = self._call(self._stub.Predict, self._predict_request(images, version_label))
         return self._predictions(response, len(images), top_k)
 
     def predict_one(self, image: bytes, top_k: int = 3, version_label: str | None = None) -> Prediction:
         return self.predict([image], top_k, version_label)[0]
+
+    async def predict_one_async(self, image: bytes, top_k: int = 3, version_label: str | None = None) -> Prediction:
+        """`predict_one` on an asyncio event loop, over a grpc.aio channel to the same target with the same options
+        (opened on the loop at the first call; `aclose()` it there): no thread waits for the answer, so a request
+        costs the app no thread hand-offs. (The blocking stub's `.future()` would start a thread per call.)"""
+        if self._aio_stub is None:
+            self._aio_channel = grpc.aio.insecure_channel(self.target, options=self._options)
+            self._aio_stub = prediction_service_pb2_grpc.PredictionServiceStub(self._aio_channel)
+        request = self._predict_request([image], version_label)
+        try:
+            response = await self._aio_stub.Predict(request, timeout=self.timeout_s)
+        except grpc.RpcError as error:
+            raise self._error(error, self.timeout_s) from error
+        return self._predictions(response, 1, top_k)[0]
+
+    async def aclose(self) -> None:
+        """Close the asyncio channel (on the loop that opened it), then the blocking one."""
+        if self._aio_channel is not None:
+            await self._aio_channel.close()
+            self._aio_channel = self._aio_stub = None
+        self.close()
 
     def _missing_threshold(self, version: int | None) -> IncompatibleModelError:
         served = f"model '{self.model_name}'" + (f" version {version}" if version is not None else "")

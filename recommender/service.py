@@ -13,7 +13,7 @@ import threading
 import time
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +28,15 @@ from recommender.client import ModelServerError, Prediction, PredictionClient
 from recommender.feedback import FeedbackBook
 from recommender.metrics import OK, RecommenderMetrics
 from recommender.params import RecommenderParams, load_recommender_params
-from recommender.ranking import Preferences, ProductRow, RecommendationResult, choose_categories, recommend
+from recommender.ranking import (
+    Preferences,
+    ProductRow,
+    Recommendation,
+    RecommendationResult,
+    choose_categories,
+    rank_products,
+    recommend,
+)
 from recommender.settings import Settings
 from serving.contract import DEFAULT_MAX_PIXELS
 
@@ -189,6 +197,10 @@ class KbBuild:
             info = kb.kb_info(conn)
         return hashlib.sha256(json.dumps(info, sort_keys=True, default=str).encode()).hexdigest()
 
+    def due(self) -> bool:
+        """Whether the next `changed()` looks at the knowledge base (it returns False at once until then)."""
+        return time.monotonic() - self._checked_at >= self.check_every_s
+
     def changed(self) -> bool:
         """Whether the knowledge base is another build than at the last call (True at the first call)."""
         now = time.monotonic()
@@ -210,14 +222,19 @@ class KbBuild:
 
 
 class RankingCache:
-    """Candidate rows per (category, preferences), least recently used dropped past `max_entries`; one
-    knowledge-base build's worth (cleared when the KB is rebuilt)."""
+    """Each category's ranked rows per preferences (least recently used dropped past `max_entries`) and each
+    product's JSON: one knowledge-base build's worth (cleared when the KB is rebuilt)."""
 
     def __init__(self, max_entries: int = 2048):
         self.max_entries = max_entries
         self.generation = 0  # +1 at each clear: rows read before a rebuild are not put back after it
         self._rows: OrderedDict[tuple[str, Preferences], list[ProductRow]] = OrderedDict()
+        # product id -> (the row, its to_dict()): asdict and readable specs, made once per row object
+        self._json: dict[int, tuple[ProductRow, dict[str, Any]]] = {}
         self._lock = threading.Lock()
+
+    def contains(self, category: str, preferences: Preferences) -> bool:
+        return (category, preferences) in self._rows
 
     def get(self, category: str, preferences: Preferences) -> list[ProductRow] | None:
         with self._lock:
@@ -234,9 +251,23 @@ class RankingCache:
             if len(self._rows) > self.max_entries:
                 self._rows.popitem(last=False)
 
+    def row_json(self, row: ProductRow) -> dict[str, Any]:
+        """`row.to_dict()`, made once per row (the cached rankings hand out the same row objects; answers only read
+        it). Checked by identity, so a row of another build with the same id never gets this one's JSON."""
+        entry = self._json.get(row.id)
+        if entry is not None and entry[0] is row:
+            return entry[1]
+        made = row.to_dict()
+        with self._lock:
+            if len(self._json) >= self.max_entries * 10:
+                self._json.clear()
+            self._json[row.id] = (row, made)
+        return made
+
     def clear(self) -> None:
         with self._lock:
             self._rows.clear()
+            self._json.clear()
             self.generation += 1
 
 
@@ -293,6 +324,11 @@ class Recommender:
         if self.feedback is not None:
             self.feedback.close()
 
+    async def aclose(self) -> None:
+        """`close` on the event loop that made async model calls (their channel closes there)."""
+        await self.client.aclose()
+        self.close()
+
     def class_to_category(self) -> dict[str, str | None]:
         """The KB's class -> category table (built from params), falling back to params for unknown classes."""
         if self._class_to_category is None:
@@ -307,33 +343,65 @@ class Recommender:
     def predict(self, image: bytes, timings: Timings) -> Prediction:
         """The model's answer for one photo, from the label `routing` picks (a canary the server does not have:
         the primary label's); the label and version that answered go into `timings`."""
-        top_k = max(self.params.top_k_classes, self.params.uncertain_max_categories)
-        routing = self.routing
-        label = routing.choose()
+        label = self.routing.choose()
         with timings.hop("model"):
             try:
-                prediction = self._call_model(image, top_k, label)
+                prediction = self._counted(label, self.client.predict_one, image)
             except ModelServerError as error:
-                reason = canary_missing(error) if label == CANARY_LABEL else None
-                if reason is None:
-                    raise
-                if self.metrics is not None:
-                    self.metrics.canary_fallback(reason)
-                label = routing.primary
-                prediction = self._call_model(image, top_k, label)
-        timings.model_label, timings.model_version = routing.name(label), prediction.model_version
+                label = self._fallback(label, error)
+                prediction = self._counted(label, self.client.predict_one, image)
+        return self._answered(label, prediction, timings)
+
+    async def predict_async(self, image: bytes, timings: Timings) -> Prediction:
+        """`predict` on the event loop, holding no thread while the model server works."""
+        label = self.routing.choose()
+        with timings.hop("model"):
+            try:
+                prediction = await self._counted_async(label, image)
+            except ModelServerError as error:
+                label = self._fallback(label, error)
+                prediction = await self._counted_async(label, image)
+        return self._answered(label, prediction, timings)
+
+    @property
+    def _top_k(self) -> int:
+        return max(self.params.top_k_classes, self.params.uncertain_max_categories)
+
+    def _counted(self, label: str | None, predict_one: Callable[..., Prediction], image: bytes) -> Prediction:
+        try:
+            return self._count(label, predict_one(image, top_k=self._top_k, version_label=label))
+        except ModelServerError as error:
+            self._count_error(label, error)
+            raise
+
+    async def _counted_async(self, label: str | None, image: bytes) -> Prediction:
+        try:
+            prediction = await self.client.predict_one_async(image, top_k=self._top_k, version_label=label)
+        except ModelServerError as error:
+            self._count_error(label, error)
+            raise
+        return self._count(label, prediction)
+
+    def _count(self, label: str | None, prediction: Prediction) -> Prediction:
+        if self.metrics is not None:
+            self.metrics.model_call(self.routing.name(label), prediction.model_version, OK)
         return prediction
 
-    def _call_model(self, image: bytes, top_k: int, label: str | None) -> Prediction:
-        name = self.routing.name(label)
-        try:
-            prediction = self.client.predict_one(image, top_k=top_k, version_label=label)
-        except ModelServerError as error:
-            if self.metrics is not None:
-                self.metrics.model_call(name, None, error.code.name)
-            raise
+    def _count_error(self, label: str | None, error: ModelServerError) -> None:
         if self.metrics is not None:
-            self.metrics.model_call(name, prediction.model_version, OK)
+            self.metrics.model_call(self.routing.name(label), None, error.code.name)
+
+    def _fallback(self, label: str | None, error: ModelServerError) -> str | None:
+        """The label to ask after `error`: the primary one when `label` is a canary the server lacks; else raises."""
+        reason = canary_missing(error) if label == CANARY_LABEL else None
+        if reason is None:
+            raise error
+        if self.metrics is not None:
+            self.metrics.canary_fallback(reason)
+        return self.routing.primary
+
+    def _answered(self, label: str | None, prediction: Prediction, timings: Timings) -> Prediction:
+        timings.model_label, timings.model_version = self.routing.name(label), prediction.model_version
         return prediction
 
     def _kb(self) -> tuple[KbBuild, RankingCache]:
@@ -353,20 +421,36 @@ class Recommender:
             if self.metrics is not None:
                 self.metrics.kb_build()
 
-    def candidate_rows(self, categories: list[str], preferences: Preferences) -> dict[str, list[ProductRow]]:
-        """Each category's candidate rows for `preferences`: from the ranking cache, else the knowledge base."""
+    def ranked_rows(
+        self, categories: list[str], preferences: Preferences, timings: Timings
+    ) -> dict[str, list[ProductRow]]:
+        """Each category's best `max_products` rows for `preferences`, ranked and one per name: from the ranking
+        cache, else read from the knowledge base (the db hop) and ranked (the rank hop).
+
+        `recommend` ranks them again (and explains them) after taking the first few of each category: ranking a
+        ranked prefix of the candidates gives the same products as ranking all of them, so nothing but the
+        position-independent work is saved."""
         _, cache = self._kb()
         generation = cache.generation
-        rows = {c: cache.get(c, preferences) for c in categories}
-        missing = [c for c, found in rows.items() if found is None]
-        if missing:
-            with self.engine.connect() as conn:
-                for category in missing:
-                    rows[category] = kb.candidate_rows(conn, category, preferences, self.params.candidate_pool)
-                    cache.put(category, preferences, rows[category], generation)
+        ranked = {c: cache.get(c, preferences) for c in categories}
+        missing = [c for c, found in ranked.items() if found is None]
         if self.metrics is not None:
             self.metrics.kb_cache(hits=len(categories) - len(missing), misses=len(missing))
-        return rows
+        if not missing:
+            return ranked
+        with timings.hop("db"), self.engine.connect() as conn:
+            read = {c: kb.candidate_rows(conn, c, preferences, self.params.candidate_pool) for c in missing}
+        with timings.hop("rank"):
+            for category, rows in read.items():
+                ranked[category] = [r.product for r in rank_products(rows, preferences, self.params.max_products)]
+                cache.put(category, preferences, ranked[category], generation)
+        return ranked
+
+    def product_json(self, recommendation: Recommendation) -> dict[str, Any]:
+        """A recommended product as the API answers it; the product's own part is built once per KB build."""
+        _, cache = self._kb()
+        row = recommendation.product
+        return {**cache.row_json(row), "explanation": recommendation.explanation, "label": recommendation.label}
 
     def category_facts(self) -> dict[str, kb.CategoryFacts]:
         """Facts of every category, read once per knowledge-base build."""
@@ -384,13 +468,10 @@ class Recommender:
         params = self.params
         # The served version's own threshold, so a new model version brings its own notion of "not sure".
         threshold = prediction.not_sure_threshold
-        _, choices = choose_categories(
-            prediction.top_k, mapping, threshold, params.uncertain_max_categories, params.uncertain_min_probability
-        )
-        categories = list(dict.fromkeys(c.category for c in choices if c.category))
+        categories = self._categories(prediction, mapping)
         with timings.hop("db"):
             facts = self.category_facts()
-            rows = self.candidate_rows(categories, preferences)
+        rows = self.ranked_rows(categories, preferences, timings)
         with timings.hop("rank"):
             result = recommend(
                 prediction.top_k,
@@ -404,10 +485,36 @@ class Recommender:
             )
         return result, {c: facts[c] for c in categories if c in facts}
 
-    def recommend_image(self, image: bytes, preferences: Preferences, timings: Timings) -> dict[str, Any]:
-        prediction = self.predict(image, timings)
+    def _categories(self, prediction: Prediction, mapping: dict[str, str | None]) -> list[str]:
+        """The categories to recommend from: the top class's, or the candidates' when the answer is unsure."""
+        params = self.params
+        _, choices = choose_categories(
+            prediction.top_k,
+            mapping,
+            prediction.not_sure_threshold,
+            params.uncertain_max_categories,
+            params.uncertain_min_probability,
+        )
+        return list(dict.fromkeys(c.category for c in choices if c.category))
+
+    def answers_from_cache(self, prediction: Prediction, preferences: Preferences) -> bool:
+        """Whether `answer` needs no database: the knowledge base is not due for its rebuild check and its facts,
+        class mapping and each category's ranking for `preferences` are cached (the answer then takes well under
+        a millisecond, so the app computes it on its event loop instead of handing it to a thread)."""
+        build, cache = self._kb()
+        mapping, facts = self._class_to_category, self._facts
+        if build.due() or mapping is None or facts is None:
+            return False
+        return all(cache.contains(c, preferences) for c in self._categories(prediction, mapping))
+
+    def answer(self, prediction: Prediction, preferences: Preferences, timings: Timings) -> dict[str, Any]:
+        """The API's answer for a prediction: ranked, explained products and the category facts."""
         result, facts = self.recommend_prediction(prediction, preferences, timings)
-        return response_dict(prediction, result, facts, self.class_to_category(), self.params.top_k_classes)
+        mapping = self.class_to_category()
+        return response_dict(prediction, result, facts, mapping, self.params.top_k_classes, self.product_json)
+
+    def recommend_image(self, image: bytes, preferences: Preferences, timings: Timings) -> dict[str, Any]:
+        return self.answer(self.predict(image, timings), preferences, timings)
 
 
 def response_dict(
@@ -416,6 +523,7 @@ def response_dict(
     facts: dict[str, kb.CategoryFacts],
     mapping: dict[str, str | None],
     top_k_classes: int,
+    product_json: Callable[[Recommendation], dict[str, Any]] = Recommendation.to_dict,
 ) -> dict[str, Any]:
     return {
         "prediction": {
@@ -436,5 +544,5 @@ def response_dict(
         ],
         "messages": result.messages,
         "category_facts": [facts_dict(facts[c.category]) for c in result.choices if c.category in facts],
-        "products": [r.to_dict() for r in result.products],
+        "products": [product_json(r) for r in result.products],
     }

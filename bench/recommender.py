@@ -37,6 +37,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
+from http.client import HTTPConnection
 from pathlib import Path
 from typing import Any
 
@@ -155,16 +156,17 @@ def run_load(call: Callable[[int], dict[str, float]], requests: int, concurrency
 
 
 def interleaved(
-    calls: dict[str, Callable[[int], dict[str, float]]], requests: int, concurrency: int, rounds: int
+    calls: dict[str, Callable[[int], dict[str, float]]], requests: int, concurrency: int, rounds: int, start: int = 0
 ) -> dict[str, dict[str, Any]]:
-    """Each call `requests` times, in `rounds` alternating rounds (the order rotating each round), summarized."""
+    """Each call `requests` times (indices from `start`), in `rounds` alternating rounds (the order rotating each
+    round), summarized."""
     samples: dict[str, list[dict[str, float]]] = {name: [] for name in calls}
     elapsed = dict.fromkeys(calls, 0.0)
     names = list(calls)
     per_round = max(1, requests // rounds)
     for round_ in range(rounds):
         for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
-            results, seconds = run_samples(calls[name], per_round, concurrency, first=round_ * per_round)
+            results, seconds = run_samples(calls[name], per_round, concurrency, first=start + round_ * per_round)
             samples[name] += results
             elapsed[name] += seconds
     return {name: summarize(samples[name], elapsed[name], concurrency) for name in calls}
@@ -184,6 +186,25 @@ def cache_counts(app_url: str) -> dict[str, float] | None:
             if sample.name == "productlens_recommender_kb_cache_total":
                 counts[sample.labels["result"]] = sample.value
     return counts
+
+
+BOUNDARY = "productlens-bench-7d1c4a"
+MULTIPART_TYPE = f"multipart/form-data; boundary={BOUNDARY}"
+
+
+def multipart_body(photo: Photo, fields: dict[str, str]) -> bytes:
+    """The form a browser sends: the photo as `image`, then the text fields."""
+    parts = [
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="image"; filename="{photo.class_name}.jpg"\r\n'
+        "Content-Type: image/jpeg\r\n\r\n".encode()
+        + photo.data
+        + b"\r\n"
+    ]
+    parts += [
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
+        for name, value in fields.items()
+    ]
+    return b"".join(parts) + f"--{BOUNDARY}--\r\n".encode()
 
 
 def parse_server_timing(header: str) -> dict[str, float]:
@@ -217,7 +238,6 @@ def start_app(stack: ExitStack, root: Path, workdir: Path, grpc_address: str, db
 
 
 def main(argv: list[str] | None = None) -> int:
-    import requests as http
 
     from recommender.client import PredictionClient
 
@@ -257,10 +277,14 @@ def main(argv: list[str] | None = None) -> int:
         client = stack.enter_context(PredictionClient(model_server.grpc_address, timeout_s=30))
         local = threading.local()
 
-        def session() -> http.Session:
-            if not hasattr(local, "session"):
-                local.session = http.Session()
-            return local.session
+        def connection(app_url: str) -> HTTPConnection:
+            """This thread's keep-alive connection to the app (http.client: the load generator shares the 2 cores
+            with the servers, and `requests` costs about 1 ms more CPU a request than the gRPC client)."""
+            connections = local.__dict__.setdefault("connections", {})
+            if app_url not in connections:
+                host, port = app_url.removeprefix("http://").split(":")
+                connections[app_url] = HTTPConnection(host, int(port), timeout=60)
+            return connections[app_url]
 
         def model_call(i: int) -> dict[str, float]:
             start = time.perf_counter()
@@ -270,15 +294,15 @@ def main(argv: list[str] | None = None) -> int:
         def end_to_end(app_url: str) -> Callable[[int], dict[str, float]]:
             def call(i: int) -> dict[str, float]:
                 photo = photos[i % len(photos)]
+                body = multipart_body(photo, {"budget_max": str(300 + i % args.distinct_budgets)})
                 start = time.perf_counter()
-                response = session().post(
-                    f"{app_url}/v1/recommendations",
-                    files={"image": (f"{photo.class_name}.jpg", photo.data, "image/jpeg")},
-                    data={"budget_max": str(300 + i % args.distinct_budgets)},
-                    timeout=60,
-                )
+                conn = connection(app_url)
+                conn.request("POST", "/v1/recommendations", body, {"Content-Type": MULTIPART_TYPE})
+                response = conn.getresponse()
+                response.read()
                 total = (time.perf_counter() - start) * 1000
-                response.raise_for_status()
+                if response.status != 200:
+                    raise RuntimeError(f"{app_url} answered {response.status}")
                 hops = parse_server_timing(response.headers["Server-Timing"])
                 hops["http"] = total - sum(hops.get(h, 0.0) for h in ("upload", "model", "db", "rank"))
                 return {"total": total, **{h: hops.get(h, 0.0) for h in HOPS}}
@@ -288,8 +312,9 @@ def main(argv: list[str] | None = None) -> int:
         calls = {"model_call": model_call, **{name: end_to_end(url) for name, url in apps.items()}}
         for call in calls.values():  # warm up every path (graph tracing, connections, SQLite pages)
             run_load(call, 20, 1)
-        for concurrency in args.concurrency:
-            measured = interleaved(calls, args.requests, concurrency, args.rounds)
+        for level, concurrency in enumerate(args.concurrency):
+            # Each level's own request indices: with --distinct-budgets, no level repeats another's preferences.
+            measured = interleaved(calls, args.requests, concurrency, args.rounds, start=level * args.requests)
             model = measured["model_call"]
             level: dict[str, Any] = {"concurrency": concurrency, "model_call": model}
             for name in apps:

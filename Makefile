@@ -66,6 +66,23 @@ publish: setup ## Publish the validated candidate as models/productlens/<N+1> (n
 		--blessing artifacts/infra_validate/blessing.json --data-dvc data.dvc --output models \
 		--models-config serving/models.config --models-config serving/k8s/models.config
 
+# The canary rollout (components/labels.py): the candidate beside stable, then promote or roll back. SERVER is the
+# gRPC address of the model server `make serve` runs (it re-reads serving/models.config); each step waits for it.
+.PHONY: canary promote rollback
+canary: SERVER ?= localhost:8500
+canary: setup ## Publish the validated candidate as the canary beside stable (make serve running; the app: PRODUCTLENS_CANARY_SHARE)
+	$(BIN)/python -m components.publish --candidate artifacts/export/candidate --gate artifacts/gate/gate.json \
+		--blessing artifacts/infra_validate/blessing.json --data-dvc data.dvc --output models \
+		--models-config serving/models.config --models-config serving/k8s/models.config --label canary --server $(SERVER)
+
+promote: SERVER ?= localhost:8500
+promote: setup ## Canary rollout: stable -> the canary's version (CHECK=metrics/monitor.json: refuse if it found drift)
+	$(BIN)/productlens promote --server $(SERVER) $(if $(CHECK),--check $(CHECK))
+
+rollback: SERVER ?= localhost:8500
+rollback: setup ## Canary rollout: stable back to the previous version, or the canary dropped
+	$(BIN)/productlens rollback --server $(SERVER)
+
 # DVC's own page loads Vega from a CDN (blank offline): this template loads the pinned copies beside the page.
 PLOTS_TEMPLATE := common/report_assets/dvc_plots.html
 .PHONY: plots
@@ -132,12 +149,18 @@ bench-recommender: setup ## Benchmark HTTP -> gRPC -> database at concurrency 1 
 	@test -n "$$PRODUCTLENS_DB_URL" || test -f artifacts/kb/productlens.db || $(MAKE) kb
 	$(BIN)/python -m bench.recommender
 
+.PHONY: bench-canary
+bench-canary: setup ## Benchmark a canary publish, promote and rollback under load: failed requests (goal 0), answers per label
+	@test -n "$$PRODUCTLENS_DB_URL" || test -f artifacts/kb/productlens.db || $(MAKE) kb
+	$(BIN)/python -m bench.canary
+
 .PHONY: serve
 serve: HOST ?= 127.0.0.1
 serve: MODELS_CONFIG ?= serving/models.config
 serve: setup ## Serve models/ like TF Serving: gRPC 127.0.0.1:8500, REST :8501 + metrics (HOST=0.0.0.0: every interface; MODELS_CONFIG=another models.config)
 	@ls -d models/productlens/[0-9]* >/dev/null 2>&1 || echo "No version under models/productlens yet: run 'make repro' (the server waits and loads it when it appears)."
 	$(BIN)/python -m serving.server --host=$(HOST) --port=8500 --rest_api_port=8501 --model_config_file=$(MODELS_CONFIG) \
+		--model_config_file_poll_wait_seconds=2 \
 		--enable_batching --batching_parameters_file=serving/batching.config --monitoring_config_file=serving/monitoring.config
 
 .PHONY: review-sheets

@@ -216,8 +216,10 @@ def parse_server_timing(header: str) -> dict[str, float]:
     return timings
 
 
-def start_app(stack: ExitStack, root: Path, workdir: Path, grpc_address: str, db_url: str | None) -> str:
-    """The recommender app of the checkout at `root` as a process on a free port; returns its URL."""
+def start_app(
+    stack: ExitStack, root: Path, workdir: Path, grpc_address: str, db_url: str | None
+) -> tuple[str, subprocess.Popen]:
+    """The recommender app of the checkout at `root` as a process on a free port; returns its URL and process."""
     import requests as http
 
     url = f"http://127.0.0.1:{free_port()}"
@@ -233,12 +235,19 @@ def start_app(stack: ExitStack, root: Path, workdir: Path, grpc_address: str, db
                PRODUCTLENS_MODEL_NAME=MODEL_NAME)  # fmt: skip
     if db_url:
         env["PRODUCTLENS_DB_URL"] = db_url
-    stack.enter_context(app_process(command, env, workdir / f"app-{root.name}.log", healthy, cwd=root))
-    return url
+    process = stack.enter_context(app_process(command, env, workdir / f"app-{root.name}.log", healthy, cwd=root))
+    return url, process
+
+
+def cpu_seconds(process: subprocess.Popen) -> float:
+    """CPU time (user + system, all threads) a process has used so far."""
+    import psutil
+
+    times = psutil.Process(process.pid).cpu_times()
+    return times.user + times.system
 
 
 def main(argv: list[str] | None = None) -> int:
-
     from recommender.client import PredictionClient
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -309,27 +318,31 @@ def main(argv: list[str] | None = None) -> int:
 
             return call
 
-        calls = {"model_call": model_call, **{name: end_to_end(url) for name, url in apps.items()}}
+        calls = {"model_call": model_call, **{name: end_to_end(url) for name, (url, _) in apps.items()}}
         for call in calls.values():  # warm up every path (graph tracing, connections, SQLite pages)
             run_load(call, 20, 1)
-        for level, concurrency in enumerate(args.concurrency):
+        for index, concurrency in enumerate(args.concurrency):
+            # An app works only in its own rounds: its CPU time over the level is its CPU per request.
+            cpu_before = {name: cpu_seconds(process) for name, (_, process) in apps.items()}
             # Each level's own request indices: with --distinct-budgets, no level repeats another's preferences.
-            measured = interleaved(calls, args.requests, concurrency, args.rounds, start=level * args.requests)
+            measured = interleaved(calls, args.requests, concurrency, args.rounds, start=index * args.requests)
             model = measured["model_call"]
             level: dict[str, Any] = {"concurrency": concurrency, "model_call": model}
-            for name in apps:
+            for name, (_, process) in apps.items():
                 e2e = measured[name]
                 overhead = e2e["p50_ms"] / model["p50_ms"] - 1
-                level[name] = {**e2e, "overhead_p50": overhead}
+                cpu_ms = (cpu_seconds(process) - cpu_before[name]) * 1000 / e2e["requests"]
+                level[name] = {**e2e, "overhead_p50": overhead, "app_cpu_ms_per_request": cpu_ms}
                 shares = ", ".join(f"{hop} {share:.0%}" for hop, share in e2e["share"].items())
                 print(
                     f"concurrency {concurrency}: {name}: end to end {e2e['requests_per_s']:.1f} req/s, "
                     f"p50 {e2e['p50_ms']:.1f} ms, p99 {e2e['p99_ms']:.1f} ms | model call alone "
                     f"{model['requests_per_s']:.1f} req/s, p50 {model['p50_ms']:.1f} ms, p99 {model['p99_ms']:.1f} ms"
-                    f" | recommender adds {overhead:+.0%} at p50 (goal <= +20%) | time shares: {shares}"
+                    f" | recommender adds {overhead:+.0%} at p50 (goal <= +20%) | app CPU {cpu_ms:.1f} ms a request"
+                    f" | time shares: {shares}"
                 )
             figures["levels"].append(level)
-        for name, url in apps.items():
+        for name, (url, _) in apps.items():
             counts = cache_counts(url)
             figures[f"{name}_cache"] = counts
             if counts is not None:

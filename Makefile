@@ -67,21 +67,23 @@ publish: setup ## Publish the validated candidate as models/productlens/<N+1> (n
 		--models-config serving/models.config --models-config serving/k8s/models.config
 
 # The canary rollout (components/labels.py): the candidate beside stable, then promote or roll back. SERVER is the
-# gRPC address of the model server `make serve` runs (it re-reads serving/models.config); each step waits for it.
+# gRPC address of the model server `make serve` runs, MODELS_CONFIG the file it re-reads (as for make serve); each
+# step waits for the server to apply it. serving/k8s/models.config is kept in step.
 .PHONY: canary promote rollback
-canary: SERVER ?= localhost:8500
+canary promote rollback: SERVER ?= localhost:8500
+canary promote rollback: MODELS_CONFIG ?= serving/models.config
 canary: setup ## Publish the validated candidate as the canary beside stable (make serve running; the app: PRODUCTLENS_CANARY_SHARE)
 	$(BIN)/python -m components.publish --candidate artifacts/export/candidate --gate artifacts/gate/gate.json \
 		--blessing artifacts/infra_validate/blessing.json --data-dvc data.dvc --output models \
-		--models-config serving/models.config --models-config serving/k8s/models.config --label canary --server $(SERVER)
+		--models-config $(MODELS_CONFIG) --models-config serving/k8s/models.config --label canary --server $(SERVER)
 
-promote: SERVER ?= localhost:8500
-promote: setup ## Canary rollout: stable -> the canary's version (CHECK=metrics/monitor.json: refuse if it found drift)
-	$(BIN)/productlens promote --server $(SERVER) $(if $(CHECK),--check $(CHECK))
+promote: setup ## Canary rollout: stable -> the canary's version (CHECK=reports/monitor/live.json: refuse on drift)
+	$(BIN)/productlens promote --models-config $(MODELS_CONFIG) --models-config serving/k8s/models.config \
+		--server $(SERVER) $(if $(CHECK),--check $(CHECK))
 
-rollback: SERVER ?= localhost:8500
 rollback: setup ## Canary rollout: stable back to the previous version, or the canary dropped
-	$(BIN)/productlens rollback --server $(SERVER)
+	$(BIN)/productlens rollback --models-config $(MODELS_CONFIG) --models-config serving/k8s/models.config \
+		--server $(SERVER)
 
 # DVC's own page loads Vega from a CDN (blank offline): this template loads the pinned copies beside the page.
 PLOTS_TEMPLATE := common/report_assets/dvc_plots.html

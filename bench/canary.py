@@ -31,8 +31,9 @@ from pathlib import Path
 from typing import Any
 
 import recommender  # noqa: F401  - SQLite before TensorFlow (see recommender/__init__.py)
+from bench.models import model_base_or_stand_in
 from bench.photos import Photo, benchmark_photos
-from bench.recommender import MODEL_NAME, REPO_ROOT, app_process, free_port, percentile, stand_in_model
+from bench.recommender import MODEL_NAME, REPO_ROOT, app_process, free_port, percentile
 from serving import contract
 from serving.process import model_server_process
 
@@ -120,12 +121,7 @@ def main(argv: list[str] | None = None) -> int:
 
     photos = benchmark_photos(24, per_class=3)
     workdir = Path(tempfile.mkdtemp(prefix="bench-canary-"))
-    source = args.model_base_path
-    model_kind = "exported model"
-    if not contract.versions(source):
-        print(f"no exported model under {source}: exporting a stand-in with the production architecture")
-        source = stand_in_model(workdir, [photo.data for photo in photos])
-        model_kind = "stand-in (production architecture, untrained head)"
+    source, model_kind = model_base_or_stand_in(args.model_base_path, workdir, [p.data for p in photos])
     newest = source / str(contract.versions(source)[-1])
     model_dir = workdir / "models" / MODEL_NAME
     model_dir.mkdir(parents=True)

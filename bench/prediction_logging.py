@@ -35,10 +35,10 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.models import newest_version_or_stand_in
 from bench.photos import benchmark_photos
-from bench.serving import REPO_ROOT, Cell, copy_version, latest_version_dir, run_load, stand_in_version
+from bench.serving import REPO_ROOT, Cell, copy_version, predict_requests, run_load
 from common.io import atomic_write_json
-from serving.contract import IMAGE_BYTES, SERVING_DEFAULT
 from serving.prediction_log_format import log_files, read_prediction_logs
 
 MODEL_NAME = "productlens"
@@ -86,30 +86,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     import grpc
-    import tensorflow as tf
-    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+    from tensorflow_serving.apis import prediction_service_pb2_grpc
 
     photos = [photo.data for photo in benchmark_photos(args.images)]
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench-prediction-logging-") as tmp:
         workdir = Path(tmp)
-        source = latest_version_dir(args.base_path)
-        model_kind = f"exported version {source}" if source else ""
-        if source is None:
-            log.info("no export under %s: exporting a stand-in with the production architecture", args.base_path)
-            source = stand_in_version(workdir, photos)
-            model_kind = "stand-in: production architecture (params train:), ImageNet weights, untrained head"
+        source, model_kind = newest_version_or_stand_in(args.base_path, workdir, photos)
         served = workdir / "models" / MODEL_NAME
         served.mkdir(parents=True)
         copy_version(source, served, 1)
         log_prefix = workdir / "logs" / MODEL_NAME
-        requests_grpc = []
-        for photo in photos:
-            request = predict_pb2.PredictRequest()
-            request.model_spec.name = MODEL_NAME
-            request.model_spec.signature_name = SERVING_DEFAULT
-            request.inputs[IMAGE_BYTES].CopyFrom(tf.make_tensor_proto([photo], dtype=tf.string, shape=[1]))
-            requests_grpc.append(request)
+        requests_grpc = predict_requests(photos, MODEL_NAME)
 
         cells: dict[str, Cell] = {}
         sent_to_logging = 0

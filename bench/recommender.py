@@ -42,8 +42,8 @@ from pathlib import Path
 from typing import Any
 
 import recommender  # noqa: F401  - SQLite before TensorFlow (see recommender/__init__.py)
+from bench.models import model_base_or_stand_in
 from bench.photos import Photo, benchmark_photos
-from serving import contract
 from serving.process import model_server_process, stop
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -78,34 +78,6 @@ def app_process(
         yield proc
     finally:
         stop(proc)
-
-
-def stand_in_model(workdir: Path, photos: list[bytes]) -> Path:
-    """Export the production architecture with ImageNet weights and an untrained head (latency proxy)."""
-    from common.params import load_params
-    from components.export import ExportParams, export_candidate
-    from components.model import MobileNetParams, build_model
-    from components.publish import publish_version
-
-    train = load_params(REPO_ROOT / "params.yaml")["train"]
-    class_names = json.loads((REPO_ROOT / "artifacts" / "splits" / "class_names.json").read_text())
-    weights = MobileNetParams(**train["mobilenet_v2"]) if train["architecture"] == "mobilenet_v2" else None
-    if weights is not None:
-        weights = MobileNetParams(weights.alpha, str((REPO_ROOT / weights.weights).resolve()), weights.sha256)
-    model = build_model(train["architecture"], len(class_names), train["image_size"], weights=weights)
-    path = workdir / "stand_in.keras"
-    model.save(path)
-    candidate = workdir / "candidate"
-    card = export_candidate(
-        path,
-        class_names,
-        {"blessed": True, "reasons": ["benchmark stand-in: production architecture, untrained head"]},
-        {contract.NOT_SURE_THRESHOLD: 0.5},  # the stand-in's answers are timed, not judged
-        candidate,
-        ExportParams(),
-        photos,
-    )
-    return publish_version(candidate, workdir / "models" / card["model_name"], card).parent
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -265,12 +237,7 @@ def main(argv: list[str] | None = None) -> int:
 
     photos: list[Photo] = benchmark_photos(24, per_class=3)
     workdir = Path(tempfile.mkdtemp(prefix="bench-recommender-"))
-    base_path = args.model_base_path
-    model_kind = "exported model"
-    if not contract.versions(base_path):
-        print(f"no exported model under {base_path}: exporting a stand-in with the production architecture")
-        base_path = stand_in_model(workdir, [photo.data for photo in photos])
-        model_kind = "stand-in (production architecture, untrained head)"
+    base_path, model_kind = model_base_or_stand_in(args.model_base_path, workdir, [p.data for p in photos])
 
     model_args = [f"--model_name={MODEL_NAME}", f"--model_base_path={base_path}", "--rest_api_port=0"]
     figures: dict[str, Any] = {

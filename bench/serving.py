@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.models import newest_version_or_stand_in
 from bench.photos import benchmark_photos
 from common.io import atomic_directory, atomic_write_json
 from common.params import build, load_params, section
@@ -115,32 +116,19 @@ def peak_rss_mb(pid: int | str = "self") -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def stand_in_version(workdir: Path, photos: list[bytes]) -> Path:
-    """Export the production architecture with ImageNet weights and an untrained head (same compute)."""
-    from components.export import ExportParams, export_candidate
-    from components.model import MobileNetParams, build_model
+def predict_requests(photos: list[bytes], model_name: str = MODEL_NAME) -> list[Any]:
+    """One gRPC PredictRequest (serving_default, one photo) per photo, built before the clock starts."""
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2
 
-    train = load_params(REPO_ROOT / "params.yaml")["train"]
-    names_file = REPO_ROOT / "artifacts" / "splits" / "class_names.json"
-    class_names = json.loads(names_file.read_text()) if names_file.exists() else [f"class_{i}" for i in range(14)]
-    weights = None
-    if train["architecture"] == "mobilenet_v2":
-        spec = train["mobilenet_v2"]
-        weights = MobileNetParams(spec["alpha"], str((REPO_ROOT / spec["weights"]).resolve()), spec["sha256"])
-    model = build_model(train["architecture"], len(class_names), train["image_size"], weights=weights)
-    path = workdir / "stand_in.keras"
-    model.save(path)
-    gate = {"blessed": True, "reasons": ["benchmark stand-in: production architecture, untrained head"]}
-    candidate = workdir / "stand_in"
-    # The stand-in's answers are timed, not judged: any threshold will do.
-    evaluation = {contract.NOT_SURE_THRESHOLD: 0.5}
-    export_candidate(path, class_names, gate, evaluation, candidate, ExportParams(), photos)
-    return candidate
-
-
-def latest_version_dir(base_path: Path) -> Path | None:
-    latest = contract.latest_version(base_path)
-    return base_path / str(latest) if latest is not None else None
+    requests = []
+    for photo in photos:
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = model_name
+        request.model_spec.signature_name = SERVING_DEFAULT
+        request.inputs[IMAGE_BYTES].CopyFrom(tf.make_tensor_proto([photo], dtype=tf.string, shape=[1]))
+        requests.append(request)
+    return requests
 
 
 def copy_version(source: Path, base: Path, version: int) -> Path:
@@ -226,8 +214,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import grpc
     import requests
-    import tensorflow as tf
-    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+    from tensorflow_serving.apis import prediction_service_pb2_grpc
 
     from serving.process import model_server_process
 
@@ -235,12 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
         workdir = Path(tmp)
-        source = latest_version_dir(args.base_path)
-        model_kind = f"exported version {source}" if source else ""
-        if source is None:
-            log.info("no export under %s: exporting a stand-in with the production architecture", args.base_path)
-            source = stand_in_version(workdir, photos)
-            model_kind = "stand-in: production architecture (params train:), ImageNet weights, untrained head"
+        source, model_kind = newest_version_or_stand_in(args.base_path, workdir, photos)
         card_path = contract.model_card_path(source)
         card = json.loads(card_path.read_text()) if card_path.exists() else {}
         log.info("benchmarking %s", model_kind)
@@ -259,13 +241,7 @@ def main(argv: list[str] | None = None) -> int:
             pid = server.process.pid
             channel = grpc.insecure_channel(server.grpc_address)
             stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
-            requests_grpc = []
-            for photo in photos:
-                request = predict_pb2.PredictRequest()
-                request.model_spec.name = MODEL_NAME
-                request.model_spec.signature_name = SERVING_DEFAULT
-                request.inputs[IMAGE_BYTES].CopyFrom(tf.make_tensor_proto([photo], dtype=tf.string, shape=[1]))
-                requests_grpc.append(request)
+            requests_grpc = predict_requests(photos)
             bodies = [
                 json.dumps({"instances": [{"b64": base64.b64encode(photo).decode("ascii")}]}).encode()
                 for photo in photos

@@ -33,7 +33,7 @@ from typing import Any
 import recommender  # noqa: F401  - SQLite before TensorFlow (see recommender/__init__.py)
 from bench.models import model_base_or_stand_in
 from bench.photos import Photo, benchmark_photos
-from bench.recommender import MODEL_NAME, REPO_ROOT, app_process, free_port, percentile
+from bench.recommender import MODEL_NAME, REPO_ROOT, percentile, start_app
 from serving import contract
 from serving.process import model_server_process
 
@@ -105,7 +105,6 @@ def phase_figures(answers: list[Answer]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import requests as http
 
     from components import labels
     from components.publish import publish_version
@@ -140,22 +139,9 @@ def main(argv: list[str] | None = None) -> int:
         server = stack.enter_context(model_server_process(workdir / "model_server", server_args, timeout_s=180))
         watch = stack.enter_context(labels.ModelServerWatch(server.grpc_address, MODEL_NAME))
         watch.until(lambda: watch.label_version(labels.STABLE_LABEL) == 1, "serve version 1 as stable", 180)
-        url = f"http://127.0.0.1:{free_port()}"
-
-        def healthy() -> bool:
-            try:
-                return http.get(f"{url}/healthz", timeout=2).status_code == 200
-            except http.RequestException:
-                return False
-
-        env = dict(
-            os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(REPO_ROOT), PRODUCTLENS_MODEL_NAME=MODEL_NAME,
-            PRODUCTLENS_MODEL_GRPC=server.grpc_address, PRODUCTLENS_CANARY_SHARE=str(args.share),
-        )  # fmt: skip
-        if args.db_url:
-            env["PRODUCTLENS_DB_URL"] = args.db_url
-        command = [sys.executable, "-m", "recommender.app", "--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1]]
-        stack.enter_context(app_process(command, env, workdir / "app.log", healthy))
+        url, _ = start_app(
+            stack, REPO_ROOT, workdir, server.grpc_address, args.db_url, {"PRODUCTLENS_CANARY_SHARE": str(args.share)}
+        )
 
         load = Load(url, photos)
         clients = [threading.Thread(target=load.client, args=(i * 3,), daemon=True) for i in range(args.clients)]

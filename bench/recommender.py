@@ -189,9 +189,15 @@ def parse_server_timing(header: str) -> dict[str, float]:
 
 
 def start_app(
-    stack: ExitStack, root: Path, workdir: Path, grpc_address: str, db_url: str | None
+    stack: ExitStack,
+    root: Path,
+    workdir: Path,
+    grpc_address: str,
+    db_url: str | None,
+    settings: dict[str, str] | None = None,
 ) -> tuple[str, subprocess.Popen]:
-    """The recommender app of the checkout at `root` as a process on a free port; returns its URL and process."""
+    """The recommender app of the checkout at `root` as a process on a free port, with `settings` (PRODUCTLENS_*
+    variables) on top of the model server's address; returns its URL and process."""
     import requests as http
 
     url = f"http://127.0.0.1:{free_port()}"
@@ -207,6 +213,7 @@ def start_app(
                PRODUCTLENS_MODEL_NAME=MODEL_NAME)  # fmt: skip
     if db_url:
         env["PRODUCTLENS_DB_URL"] = db_url
+    env.update(settings or {})
     process = stack.enter_context(app_process(command, env, workdir / f"app-{root.name}.log", healthy, cwd=root))
     return url, process
 

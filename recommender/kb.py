@@ -182,10 +182,28 @@ def _requirement_clause(requirement: SpecRequirement, dialect: str, tag: str) ->
 def candidate_rows(conn: Connection, category: str, preferences: Preferences, pool: int) -> list[ProductRow]:
     """Rows of `category` the ranking will choose from: budget, excluded brands and required specs applied
     in SQL, preferred brands first, then the requested sort, at most `pool` rows."""
-    query = select(*PRODUCT_COLUMNS).where(Product.category == category)
+    return [_row(r) for r in conn.execute(_candidates(PRODUCT_COLUMNS, conn.dialect.name, category, preferences, pool))]
+
+
+def candidate_ids(conn: Connection, category: str, preferences: Preferences, pool: int) -> list[int]:
+    """The ids of `candidate_rows`, in its order: the app reads only these and takes the rows it already holds
+    from memory (a row's specs JSON is then decoded once per KB build, not once per request)."""
+    return list(conn.execute(_candidates((Product.id,), conn.dialect.name, category, preferences, pool)).scalars())
+
+
+def products_by_id(conn: Connection, ids: Iterable[int]) -> dict[int, ProductRow]:
+    """The products with these ids (ids no product has are left out), in one query."""
+    wanted = [i for i in dict.fromkeys(ids) if 1 <= i <= MAX_PRODUCT_ID]
+    if not wanted:
+        return {}
+    return {r.id: _row(r) for r in conn.execute(select(*PRODUCT_COLUMNS).where(Product.id.in_(wanted)))}
+
+
+def _candidates(columns: Iterable[Any], dialect: str, category: str, preferences: Preferences, pool: int) -> Any:
+    query = select(*columns).where(Product.category == category)
     if preferences.has_budget:
         # price + 0 keeps SQLite from picking the price index for the range and sorting every match afterwards.
-        by_value_on_sqlite = preferences.sort == "best_value" and conn.dialect.name == "sqlite"
+        by_value_on_sqlite = preferences.sort == "best_value" and dialect == "sqlite"
         price = Product.price + 0 if by_value_on_sqlite else Product.price
         query = query.where(price.is_not(None))
         if preferences.budget_min is not None:
@@ -195,13 +213,12 @@ def candidate_rows(conn: Connection, category: str, preferences: Preferences, po
     if preferences.excluded_brands:
         query = query.where(func.lower(Product.brand).not_in([b.lower() for b in preferences.excluded_brands]))
     for n, requirement in enumerate(preferences.requirements):
-        query = query.where(_requirement_clause(requirement, conn.dialect.name, f"r{n}"))
+        query = query.where(_requirement_clause(requirement, dialect, f"r{n}"))
     order: list[Any] = []
     if preferences.preferred_brands:
         preferred = func.lower(Product.brand).in_([b.lower() for b in preferences.preferred_brands])
         order.append(case((preferred, 0), else_=1))
-    query = query.order_by(*order, *_sort_order(preferences.sort, preferences.has_budget), Product.id).limit(pool)
-    return [_row(r) for r in conn.execute(query)]
+    return query.order_by(*order, *_sort_order(preferences.sort, preferences.has_budget), Product.id).limit(pool)
 
 
 def list_products(

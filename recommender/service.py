@@ -222,8 +222,10 @@ class KbBuild:
 
 
 class RankingCache:
-    """Each category's ranked rows per preferences (least recently used dropped past `max_entries`) and each
-    product's JSON: one knowledge-base build's worth (cleared when the KB is rebuilt)."""
+    """Each category's ranked rows per preferences (least recently used dropped past `max_entries`), and each
+    product read (one row object per product, with its JSON): one knowledge-base build's worth (cleared when the
+    KB is rebuilt). A ranking the cache lacks then costs one id query; only products never read before are
+    fetched and decoded."""
 
     def __init__(self, max_entries: int = 2048):
         self.max_entries = max_entries
@@ -250,6 +252,24 @@ class RankingCache:
             self._rows[(category, preferences)] = rows
             if len(self._rows) > self.max_entries:
                 self._rows.popitem(last=False)
+
+    def products(self, ids: list[int], fetch: Callable[[list[int]], dict[int, ProductRow]]) -> list[ProductRow]:
+        """The rows of `ids` in order: those read before from memory, the others by `fetch` (kept for next time;
+        ids `fetch` does not return are left out)."""
+        with self._lock:
+            generation = self.generation
+            held = {i: entry[0] for i in ids if (entry := self._json.get(i)) is not None}
+        missing = [i for i in ids if i not in held]
+        if missing:
+            fetched = fetch(missing)
+            made = {i: (row, row.to_dict()) for i, row in fetched.items()}
+            with self._lock:
+                if generation == self.generation:  # not rows of a build replaced while they were read
+                    if len(self._json) + len(made) > self.max_entries * 10:
+                        self._json.clear()
+                    self._json.update(made)
+            held.update(fetched)
+        return [held[i] for i in ids if i in held]
 
     def row_json(self, row: ProductRow) -> dict[str, Any]:
         """`row.to_dict()`, made once per row (the cached rankings hand out the same row objects; answers only read
@@ -439,7 +459,8 @@ class Recommender:
         if not missing:
             return ranked
         with timings.hop("db"), self.engine.connect() as conn:
-            read = {c: kb.candidate_rows(conn, c, preferences, self.params.candidate_pool) for c in missing}
+            ids = {c: kb.candidate_ids(conn, c, preferences, self.params.candidate_pool) for c in missing}
+            read = {c: cache.products(ids[c], lambda wanted: kb.products_by_id(conn, wanted)) for c in missing}
         with timings.hop("rank"):
             for category, rows in read.items():
                 ranked[category] = [r.product for r in rank_products(rows, preferences, self.params.max_products)]

@@ -151,6 +151,11 @@ bench-recommender: setup ## Benchmark HTTP -> gRPC -> database at concurrency 1 
 	@test -n "$$PRODUCTLENS_DB_URL" || test -f artifacts/kb/productlens.db || $(MAKE) kb
 	$(BIN)/python -m bench.recommender
 
+.PHONY: bench-kb-reads
+bench-kb-reads: setup ## Benchmark the app's KB reads per answer: a ranking the cache lacks vs reading every candidate row (same run)
+	@test -n "$$PRODUCTLENS_DB_URL" || test -f artifacts/kb/productlens.db || $(MAKE) kb
+	$(BIN)/python -m bench.kb_reads $(if $(PRODUCTLENS_DB_URL),--db-url $(PRODUCTLENS_DB_URL))
+
 .PHONY: bench-canary
 bench-canary: setup ## Benchmark a canary publish, promote and rollback under load: failed requests (goal 0), answers per label
 	@test -n "$$PRODUCTLENS_DB_URL" || test -f artifacts/kb/productlens.db || $(MAKE) kb

@@ -377,3 +377,20 @@ def test_export_adds_the_photos_the_dataset_lacks_under_the_users_class_and_list
     assert again.candidates == [*result.candidates, sha256(in_dataset)]
     done = export_feedback(answers, store, dataset, CLASS_NAMES, reviewed=again.candidates)
     assert done.candidates == [] and done.already_reviewed == 4
+
+
+def test_docker_compose_keeps_answers_on_a_volume_the_app_can_write() -> None:
+    """`docker compose down && up` must not lose users' answers: the feedback store (photos and, beside the SQLite
+    KB, feedback.db) is a named volume, and the image creates the folder for the user it runs as (a named volume
+    starts as a copy of that folder, owner included)."""
+    import yaml
+
+    compose = yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())
+    app = compose["services"]["recommender"]
+    store = app["environment"]["PRODUCTLENS_FEEDBACK_DIR"]
+    settings = Settings(db_url=app["environment"]["PRODUCTLENS_DB_URL"], feedback_dir=Path(store))
+    assert settings.feedback_database_url() == f"sqlite:///{store}/feedback.db"
+    named = {v.split(":")[0]: v.split(":")[1] for v in app["volumes"] if not v.startswith((".", "/"))}
+    assert named.get("feedback") == store and "feedback" in compose["volumes"]
+    dockerfile = (REPO_ROOT / "components" / "Dockerfile").read_text()
+    assert f"mkdir -p /shared /models {store}" in dockerfile and "chown -R productlens:productlens /app" in dockerfile

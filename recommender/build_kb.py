@@ -21,6 +21,7 @@ import common.quiet_tf  # noqa: F401  (first: TensorFlow reads its log level whe
 # isort: split
 import argparse
 import hashlib
+import json
 import logging
 import math
 import os
@@ -95,6 +96,10 @@ class TableReport:
 class BuildReport:
     tables: dict[str, TableReport]
     catalog_sha256: str
+    # A digest of every row written (products with their ids, categories, the class mapping): what the app
+    # compares to notice a rebuild on a database server, where params or build code can change the rows of the
+    # same catalog.
+    content_sha256: str = ""
 
     @property
     def loaded(self) -> int:
@@ -123,6 +128,7 @@ class BuildReport:
             "skipped": sum(self.skipped.values()),
             "skipped_by_reason": dict(sorted(self.skipped.items())),
             "catalog_sha256": self.catalog_sha256,
+            "content_sha256": self.content_sha256,
             "categories": {name: t.to_dict() for name, t in sorted(self.tables.items())},
         }
 
@@ -214,6 +220,18 @@ def _positive_number(value: Any) -> bool:
 def read_catalog(path: Path) -> pd.DataFrame:
     # Strings everywhere, as validate reads them: typing happens per cell, after validation.
     return pd.read_csv(path, dtype="string", keep_default_na=True)
+
+
+def content_digest(
+    categories: list[dict[str, Any]], rows_by_category: dict[str, list[dict[str, Any]]], class_rows: list[dict]
+) -> str:
+    """sha256 of the rows a build writes, in order: the same catalog, params and build code give the same digest."""
+    digest = hashlib.sha256()
+    for part in (categories, *rows_by_category.values(), class_rows):
+        for row in part:
+            digest.update(json.dumps(row, sort_keys=True, default=str).encode())
+            digest.update(b"\n")
+    return digest.hexdigest()
 
 
 def catalog_digest(paths: list[Path]) -> str:
@@ -308,21 +326,20 @@ def build_kb(catalog_dir: Path, params: RecommenderParams, required_columns: lis
     if unknown:
         raise ValueError(f"params recommender.class_to_category names categories with no catalog file: {unknown}")
 
-    report = BuildReport(tables, catalog_digest(paths))
+    next_id = 1
+    for rows in rows_by_category.values():
+        for row in rows:
+            row["id"] = next_id
+            next_id += 1
+    class_rows = [{"class_name": k, "category": v} for k, v in sorted(params.class_to_category.items())]
+    report = BuildReport(tables, catalog_digest(paths), content_digest(categories, rows_by_category, class_rows))
     create_schema(engine)
     with engine.begin() as conn:
         conn.execute(insert(Category), categories)
-        next_id = 1
         for rows in rows_by_category.values():
-            for row in rows:
-                row["id"] = next_id
-                next_id += 1
             for start in range(0, len(rows), INSERT_BATCH):
                 conn.execute(insert(Product), rows[start : start + INSERT_BATCH])
-        conn.execute(
-            insert(ClassCategory),
-            [{"class_name": k, "category": v} for k, v in sorted(params.class_to_category.items())],
-        )
+        conn.execute(insert(ClassCategory), class_rows)
         conn.execute(insert(KbInfo), [{"key": k, "value": v} for k, v in report.to_dict().items()])
         create_name_search(conn)
     return report

@@ -104,6 +104,29 @@ def test_bad_rows_are_skipped_and_counted_by_reason(tmp_path: Path) -> None:
     assert monitors["Asus TUF Gaming VG27AQ"].specs["pixels"] == 2560 * 1440
 
 
+def test_the_build_record_has_a_digest_of_its_rows_that_changes_with_them_and_only_with_them(tmp_path: Path) -> None:
+    """On a database server a rebuild is noticed by its kb_info (the app's ranking cache is dropped when it changes):
+    params that change the rows of the same catalog must change the record, and a rebuild of the same must not."""
+    catalog = write_catalog(tmp_path / "catalog")
+    params = write_params(tmp_path / "params.yaml", REPO_ROOT / "params.yaml")
+    remapped = write_params(tmp_path / "remapped.yaml", REPO_ROOT / "params.yaml", {"mouse": "mouse", "gpu": None})
+
+    def record(params_path: Path, name: str) -> dict:
+        db = tmp_path / name / "productlens.db"
+        assert build_kb.main(["--catalog", str(catalog), "--params", str(params_path), "--output", str(db),
+                              "--metrics", str(tmp_path / name / "metrics.json")]) == 0  # fmt: skip
+        engine = kb.make_engine(kb.sqlite_url(db))
+        with engine.connect() as conn:
+            info = kb.kb_info(conn)
+        engine.dispose()
+        return info
+
+    first, again, other = record(params, "first"), record(params, "again"), record(remapped, "other")
+    assert len(first["content_sha256"]) == 64 and first == again
+    assert other["catalog_sha256"] == first["catalog_sha256"]
+    assert other["content_sha256"] != first["content_sha256"]
+
+
 def test_missing_required_column_fails_the_build(tmp_path: Path) -> None:
     catalog = write_catalog(tmp_path / "catalog", {"mouse.csv": "name,max_dpi\nLogitech G305,12000\n"})
     params = write_params(tmp_path / "params.yaml", REPO_ROOT / "params.yaml", {"mouse": "mouse"})

@@ -10,10 +10,12 @@ the component body, because a lightweight component's source runs alone in its c
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import html
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -36,6 +38,10 @@ EVALUATE_METRICS = "evaluate.json"
 EVALUATE_REPORT = "report.json"  # the whole evaluation: what the gate judges and export puts in the card
 DATA_DVC_FILE = "data.dvc"  # the dataset's .dvc file, kept beside images/ when fetched from a DVC repository
 REVIEWS_FILE = "labels/reviews.csv"  # reviewed labels: versioned in git beside data.dvc, fetched with the data
+# TF Serving's config on the models volume (serving/k8s/deployment.yaml: --model_config_file=/models/models.config),
+# seeded from the repository's copy (in the image at /app/serving/k8s/models.config) when a volume has none.
+MODELS_CONFIG_FILE = "models.config"
+SEED_MODELS_CONFIG = PROJECT_ROOT / "serving" / "k8s" / "models.config"
 
 
 class StepFailed(RuntimeError):
@@ -359,15 +365,55 @@ def infra_validate(candidate_dir: Path, model_dir: Path, splits_dir: Path, data_
                 log_metrics_file(metrics_artifact, metrics_path)
 
 
+def seed_models_config(config_path: Path, seed: Path = SEED_MODELS_CONFIG) -> bool:
+    """Create `config_path` as a copy of `seed` unless it exists; returns whether it did.
+
+    Created whole or not at all, and never over a file another publish wrote meanwhile: the copy is written beside it
+    and hard-linked into place (link fails when the name exists), so the labels a running server reads are never
+    reset to the seed's."""
+    config_path = Path(config_path)
+    if config_path.exists():
+        return False
+    config_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, staging = tempfile.mkstemp(prefix=f".{config_path.name}.", suffix=".tmp", dir=config_path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(Path(seed).read_bytes())
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(staging, 0o644)  # the model server may run as another user
+        try:
+            os.link(staging, config_path)
+        except FileExistsError:
+            return False
+        except OSError:  # a file system without hard links (some SMB and object-store drivers): rename instead
+            if config_path.exists():
+                return False
+            os.replace(staging, config_path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(staging)
+    log.info("seeded %s from %s", config_path, seed)
+    return True
+
+
 def publish(candidate_dir: Path, decision_path: Path, blessing_path: Path, data_dir: Path, model_base: str,
             report_path: Path) -> dict[str, Any]:  # fmt: skip
     """components.publish into `model_base` (the volume TF Serving reads); returns its report
-    {published, model_name, version, path, weights_sha256, message}, also written to `report_path`."""
+    {published, model_name, version, path, weights_sha256, message}, also written to `report_path`.
+
+    The model server reads its models.config from the same volume (`<model_base>/models.config`, serving/k8s), so the
+    step keeps its `stable` label on the version that serves the model, as `make publish` does for the repository's
+    files (components.labels.label_stable: atomically, never a version the policy does not load). A volume without
+    the file gets serving/k8s/models.config first."""
     from components import publish as step
 
+    models_config = Path(model_base) / MODELS_CONFIG_FILE
+    seed_models_config(models_config)
     argv = [
         "--candidate", str(candidate_dir), "--gate", str(decision_path), "--blessing", str(blessing_path),
         "--data-dvc", str(Path(data_dir) / DATA_DVC_FILE), "--output", str(model_base), "--report", str(report_path),
+        "--models-config", str(models_config),
     ]  # fmt: skip
     run_step(step.main, argv)
     return read_json(report_path)

@@ -17,8 +17,9 @@ around one.
 The steps that read or write files outside their artefacts mount PersistentVolumeClaims
 (kfp-kubernetes; VOLUMES says which step mounts which): train the ImageNet weights at /shared,
 fetch-data the dataset folder at /data/productlens, gate (the champion) and publish (the new
-version) the model base at /models. The claim names are run parameters; pipelines/k8s/pvcs.yaml
-creates claims with the default names.
+version, and the `stable` label in the claim's models.config, which the model server reads) the model base at
+/models, monitor the model server's prediction logs at /logs. The claim names are run parameters;
+pipelines/k8s/pvcs.yaml creates claims with the default names.
 """
 
 import common.quiet_tf  # noqa: F401  (first: TensorFlow reads its log level when it loads)
@@ -88,7 +89,14 @@ WEIGHTS_VOLUME = Volume("weights_pvc", "productlens-weights", "/shared", ("train
 DATA_VOLUME = Volume("data_pvc", "productlens-data", DEFAULT_DATA_LOCATION, ("fetch-data",))
 # The claim TF Serving reads (serving/k8s/pvc.yaml): gate reads the champion there, publish writes the new version.
 MODELS_VOLUME = Volume("models_pvc", "productlens-models", DEFAULT_MODEL_BASE, ("gate", "publish"))
-VOLUMES = (WEIGHTS_VOLUME, DATA_VOLUME, MODELS_VOLUME)
+# The claim the model server writes its prediction logs to (serving/k8s/logs-pvc.yaml, deployment.yaml): monitor reads
+# them there when a run's prediction_logs names a folder under it (CLUSTER_PREDICTION_LOGS). Mounted read-write: the
+# PvcMount of kfp-kubernetes (2.17) has no read-only field; the step only reads.
+LOGS_VOLUME = Volume("logs_pvc", "productlens-prediction-logs", "/logs", ("monitor",))
+VOLUMES = (WEIGHTS_VOLUME, DATA_VOLUME, MODELS_VOLUME, LOGS_VOLUME)
+# Where the model server's logs land on that claim (the logging_config in serving/k8s/models.config writes
+# /logs/predictions/productlens-*.tfrecord): the prediction_logs of a cluster run that checks drift.
+CLUSTER_PREDICTION_LOGS = LOGS_VOLUME.mount_path + "/predictions"
 
 DATA_STEP_RETRIES = 3  # fetching data crosses the network (Git, DVC remote): retry with backoff
 
@@ -312,16 +320,18 @@ def create_pipeline(image_repository: str = DEFAULT_IMAGE_REPOSITORY, image_tag:
         weights_pvc: str = WEIGHTS_VOLUME.default_claim,
         data_pvc: str = DATA_VOLUME.default_claim,
         models_pvc: str = MODELS_VOLUME.default_claim,
+        logs_pvc: str = LOGS_VOLUME.default_claim,
         prediction_logs: str = "",
     ):
         """data_location: folder with images/ + catalog/ (the data claim is mounted at the default), or a DVC
         repository (Git URL/path) read at data_revision. params_overrides: dotted params.yaml keys, e.g.
         {"train.epochs": 4}. component_image: the component image (registry/repository:tag) every step runs in.
         model_base: the serving base path gate reads the champion from and publish writes versions to (the
-        models claim is mounted at the default). weights_pvc, data_pvc, models_pvc: the claims mounted at
-        /shared (train), /data/productlens (fetch-data) and /models (gate, publish). prediction_logs: a folder of the
-        model server's prediction logs that the monitor step checks against this run's data ("" = none yet)."""
-        claims = {"weights_pvc": weights_pvc, "data_pvc": data_pvc, "models_pvc": models_pvc}
+        models claim is mounted at the default). weights_pvc, data_pvc, models_pvc, logs_pvc: the claims mounted at
+        /shared (train), /data/productlens (fetch-data), /models (gate, publish) and /logs (monitor).
+        prediction_logs: a folder of the model server's prediction logs that the monitor step checks against this
+        run's data ("" = none yet; on a cluster /logs/predictions, the logs claim's)."""
+        claims = {"weights_pvc": weights_pvc, "data_pvc": data_pvc, "models_pvc": models_pvc, "logs_pvc": logs_pvc}
 
         def step(name: str, **inputs) -> dsl.PipelineTask:
             task = ops[name.replace("-", "_")](**inputs).set_display_name(name)

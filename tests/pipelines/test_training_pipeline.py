@@ -9,11 +9,20 @@ import tomllib
 import pytest
 import yaml
 
-from pipelines import training_pipeline
-from pipelines.training_pipeline import DATA_VOLUME, MODELS_VOLUME, VOLUMES, WEIGHTS_VOLUME
+from pipelines import steps, training_pipeline
+from pipelines.training_pipeline import (
+    CLUSTER_PREDICTION_LOGS,
+    DATA_VOLUME,
+    LOGS_VOLUME,
+    MODELS_VOLUME,
+    VOLUMES,
+    WEIGHTS_VOLUME,
+)
+from serving.config import load_model_server_config, model_configs
 from tests.conftest import REPO_ROOT
 
 PVC_MANIFESTS = REPO_ROOT / "pipelines" / "k8s"
+SERVING_K8S = REPO_ROOT / "serving" / "k8s"
 
 
 @pytest.fixture(scope="module")
@@ -154,9 +163,11 @@ def test_every_step_that_reads_or_writes_files_mounts_their_claim_and_no_other(s
             mounts[DATA_VOLUME.mount_path] = DATA_VOLUME.parameter
         if "model_base" in fed:  # gate reads the champion, publish writes the new version
             mounts[MODELS_VOLUME.mount_path] = MODELS_VOLUME.parameter
+        if "prediction_logs" in fed:  # monitor reads the model server's prediction logs
+            mounts[LOGS_VOLUME.mount_path] = LOGS_VOLUME.parameter
         if mounts:
             expected[executor] = mounts
-    assert {"exec-train", "exec-fetch-data", "exec-gate", "exec-publish"} <= set(expected)
+    assert {"exec-train", "exec-fetch-data", "exec-gate", "exec-publish", "exec-monitor"} <= set(expected)
     assert pvc_mounts == expected
 
 
@@ -178,10 +189,59 @@ def test_mounts_are_where_the_steps_look(spec):
     assert weights.startswith(WEIGHTS_VOLUME.mount_path + "/"), weights
 
 
-def test_the_models_claim_is_the_one_the_model_server_reads():
-    serving_claim = yaml.safe_load((REPO_ROOT / "serving" / "k8s" / "pvc.yaml").read_text())
-    assert serving_claim["metadata"]["name"] == MODELS_VOLUME.default_claim
-    assert pipeline_claims()[MODELS_VOLUME.default_claim]["spec"] == serving_claim["spec"]
+def model_server_pod() -> dict:
+    return yaml.safe_load((SERVING_K8S / "deployment.yaml").read_text())["spec"]["template"]["spec"]
+
+
+def model_server_mounts() -> dict[str, str]:
+    """{mount path: claim} of the model server's container (serving/k8s/deployment.yaml)."""
+    pod = model_server_pod()
+    volumes = [volume for volume in pod["volumes"] if "persistentVolumeClaim" in volume]
+    claims = {volume["name"]: volume["persistentVolumeClaim"]["claimName"] for volume in volumes}
+    (container,) = pod["containers"]
+    return {m["mountPath"]: claims[m["name"]] for m in container["volumeMounts"] if m["name"] in claims}
+
+
+@pytest.mark.parametrize(
+    ("manifest", "volume"), [("pvc.yaml", MODELS_VOLUME), ("logs-pvc.yaml", LOGS_VOLUME)], ids=["models", "logs"]
+)
+def test_the_models_and_logs_claims_are_the_ones_the_model_server_mounts(manifest, volume):
+    serving_claim = yaml.safe_load((SERVING_K8S / manifest).read_text())
+    assert serving_claim["metadata"]["name"] == volume.default_claim
+    assert pipeline_claims()[volume.default_claim]["spec"] == serving_claim["spec"]
+    assert manifest in yaml.safe_load((SERVING_K8S / "kustomization.yaml").read_text())["resources"]
+    assert model_server_mounts()[volume.mount_path] == volume.default_claim
+
+
+def test_the_model_server_reads_the_models_config_publish_labels_on_the_models_claim():
+    (container,) = model_server_pod()["containers"]
+    config_file = posixpath.join(MODELS_VOLUME.mount_path, steps.MODELS_CONFIG_FILE)
+    assert f"--model_config_file={config_file}" in container["args"]
+    # The seed the volume loader copies and the first publish writes is the repository's copy, with the server's path.
+    assert steps.SEED_MODELS_CONFIG == SERVING_K8S / "models.config"
+    (model,) = model_configs(load_model_server_config(steps.SEED_MODELS_CONFIG))
+    assert str(model.base_path).startswith(MODELS_VOLUME.mount_path + "/")
+
+
+def documented_logging_config(text: str) -> str:
+    """serving/k8s/models.config with its commented-out logging_config block switched on."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("#   logging_config {"))
+    end = next(i for i in range(start, len(lines)) if lines[i] == "#   }")
+    block = "\n".join(line.removeprefix("#") for line in lines[start : end + 1])
+    return text.replace('    model_platform: "tensorflow"\n', f'    model_platform: "tensorflow"\n{block}\n', 1)
+
+
+def test_the_documented_prediction_logging_writes_where_a_cluster_run_reads(tmp_path):
+    config = tmp_path / "models.config"
+    config.write_text(documented_logging_config((SERVING_K8S / "models.config").read_text()))
+    (model,) = model_configs(load_model_server_config(config))
+    assert model.logging is not None
+    assert posixpath.dirname(model.logging.filename_prefix) == CLUSTER_PREDICTION_LOGS
+    # The server writes under its logs mount; the monitor step mounts the same claim at the same path.
+    assert CLUSTER_PREDICTION_LOGS.startswith(LOGS_VOLUME.mount_path + "/")
+    assert model_server_mounts()[LOGS_VOLUME.mount_path] == LOGS_VOLUME.default_claim
+    assert LOGS_VOLUME.steps == ("monitor",)
 
 
 def test_volume_loader_mounts_each_claim_where_the_steps_do():

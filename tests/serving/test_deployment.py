@@ -59,14 +59,15 @@ def test_official_image_is_pinned_to_the_tensorflow_that_exports_the_model() -> 
 
 def test_our_server_accepts_the_production_command_line() -> None:
     """`make serve` and the official image take the same flags and files."""
-    for args in (
-        deployment_container()["args"],
-        yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["model-server"]["command"],
+    for args, config_file in (
+        # On Kubernetes the config is on the models volume, where the KFP publish step moves its labels.
+        (deployment_container()["args"], "/models/models.config"),
+        (yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["model-server"]["command"], None),
     ):
         parsed = parse_args(args)
         assert parsed.enable_batching
         assert (parsed.port, parsed.rest_api_port) == (8500, 8501)
-        assert parsed.model_config_file == Path("/config/models.config")
+        assert parsed.model_config_file == Path(config_file or "/config/models.config")
 
 
 # tensorflow_model_server's flags (model_servers/main.cc, 2.x) that these manifests may use. Its parser passes an
@@ -120,7 +121,7 @@ def test_docker_compose_publishes_the_model_server_on_the_hosts_loopback_by_defa
 def test_deployment_mounts_the_models_volume_and_the_config() -> None:
     container = deployment_container()
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
-    assert mounts == {"models": "/models", "config": "/config"}
+    assert mounts == {"models": "/models", "config": "/config", "prediction-logs": "/logs"}
     assert container["readinessProbe"]["httpGet"]["path"] == "/v1/models/productlens"
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     assert "./models:/models:ro" in compose["services"]["model-server"]["volumes"]
@@ -134,7 +135,9 @@ def test_kustomization_renders_the_config_map_from_the_same_files() -> None:
     ).stdout
     documents = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(rendered)}
     config_map = documents[("ConfigMap", "productlens-serving-config")]
-    assert config_map["data"]["models.config"] == (K8S / "models.config").read_text()
+    # models.config is read from the models volume (publish moves its labels there), not from the ConfigMap.
+    assert "models.config" not in config_map["data"]
     assert config_map["data"]["batching.config"] == (K8S / "batching.config").read_text()
     assert {("Deployment", "productlens-model-server"), ("Service", "productlens-model-server")} <= set(documents)
     assert ("PersistentVolumeClaim", "productlens-models") in documents
+    assert ("PersistentVolumeClaim", "productlens-prediction-logs") in documents

@@ -48,9 +48,10 @@ import tensorflow as tf
 
 from common.cli import require_file, run_main
 from common.images import decode_and_resize, fit_to_square
-from common.io import atomic_directory, atomic_write_json, read_json, sha256_of_file
+from common.io import atomic_directory, atomic_write_json, read_json
 from common.params import ParamsError, build, load_params, section
 from components.candidate import sample_images
+from components.model import weights_digest
 from serving.contract import (
     CLASS_IDS,
     CLASS_NAMES,
@@ -302,7 +303,7 @@ def export_candidate(
         NOT_SURE_THRESHOLD: not_sure_threshold,
         "max_pixels": params.max_pixels,  # image bytes with more pixels are refused from their header
         "top_k": min(params.top_k, len(class_names)),
-        "weights_sha256": sha256_of_file(model_path),
+        "weights_sha256": weights_digest(model),
         "evaluation": evaluation,
         "gate": {"blessed": True, "reasons": [str(r) for r in gate.get("reasons", [])]},
         "signatures": signature_descriptions(),

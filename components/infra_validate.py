@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from common.cli import require_file, run_main
-from common.io import atomic_write_json, sha256_of_file
+from common.io import atomic_write_json
 from common.params import load_section
 from components.candidate import CandidateError, identity, read_card, sample_images
 from serving.contract import (
@@ -127,14 +127,12 @@ def oversized_png_header(max_pixels: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(header)) + chunk + struct.pack(">I", zlib.crc32(chunk))
 
 
-def keras_probabilities(model_path: Path, images: list[bytes], image_size: int) -> np.ndarray:
+def keras_probabilities(model: Any, images: list[bytes], image_size: int) -> np.ndarray:
     """What the Keras model says about `images`, decoded and resized as the served graph does."""
-    import keras
     import tensorflow as tf
 
     from common.images import decode_and_resize
 
-    model = keras.saving.load_model(model_path, compile=False)
     pixels = tf.stack([decode_and_resize(tf.constant(b), image_size) for b in images])
     return np.asarray(model(pixels, training=False), dtype=np.float32)
 
@@ -314,14 +312,19 @@ def infra_validate(
     named: dict[str, Any] = {}
     try:
         with checks.record("weights") as weights:
+            import keras
+
+            from components.model import weights_digest
+
             card = read_card(candidate)
             named = identity(candidate)
+            model = keras.saving.load_model(model_path, compile=False)
             require(
-                sha256_of_file(model_path) == card["weights_sha256"],
+                weights_digest(model) == card["weights_sha256"],
                 f"the candidate was exported from other weights (sha256 {card['weights_sha256']}) than {model_path}",
             )
             weights["detail"] = f"exported from {Path(model_path).name} (sha256 {card['weights_sha256'][:12]})"
-        expected = keras_probabilities(model_path, images, int(card["image_size"]))
+        expected = keras_probabilities(model, images, int(card["image_size"]))
         with tempfile.TemporaryDirectory(prefix="infra-validation-") as workdir:
             differences = serve_and_check(Path(candidate), card, images, expected, params, checks, Path(workdir))
         with checks.record("matches_keras") as matches:

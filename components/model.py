@@ -8,11 +8,13 @@ model only and are inactive at inference.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import keras
+import numpy as np
 
 from common.io import sha256_of_file
 from serving.contract import RESIZE_LAYER
@@ -52,6 +54,18 @@ class MobileNetParams:
     alpha: float
     weights: str
     sha256: str
+
+
+def weights_digest(model: keras.Model) -> str:
+    """sha256 of the model's weight values in order (dtype, shape and bytes of each): equal weights give equal
+    digests. The .keras file's own sha256 does not: its zip entries carry the time it was saved, so a retrain
+    to the same weights would look like a new model (publish compares this digest with the served version's)."""
+    digest = hashlib.sha256()
+    for weight in model.weights:
+        value = np.ascontiguousarray(keras.ops.convert_to_numpy(weight))
+        digest.update(f"{value.dtype.str} {value.shape}\n".encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()
 
 
 def verified_weights(path: Path | str, expected_sha256: str) -> Path:

@@ -16,10 +16,10 @@ import yaml
 from tensorflow_serving.apis import prediction_log_pb2
 
 from common.images import decode_and_resize
-from common.io import sha256_of_file
 from common.params import ParamsError
 from components import export as export_step
 from components.export import ExportParams, export_candidate, image_size_of, load_export_params
+from components.model import weights_digest
 from serving.contract import MODEL_CARD_FILE, WARMUP_FILE, ModelCard
 from tests.fixtures.images import synthetic_image
 from tests.fixtures.model_server import NOT_SURE_THRESHOLD, TinyModel, export_tiny
@@ -92,7 +92,7 @@ def test_export_cli_writes_a_candidate_with_a_card_naming_its_weights(step_input
     assert "infra_validate is next" in completed.stdout
 
     card = json.loads((candidate / MODEL_CARD_FILE).read_text())
-    assert card["weights_sha256"] == sha256_of_file(step_inputs["model"])
+    assert card["weights_sha256"] == weights_digest(keras.saving.load_model(step_inputs["model"], compile=False))
     assert card["evaluation"] == EVALUATION  # what the gate judged; the gate reads a champion's from here
     assert card["not_sure_threshold"] == 0.42  # evaluate's, chosen on val
     assert card["max_pixels"] == yaml.safe_load((ROOT / "params.yaml").read_text())["validate"]["max_pixels"]

@@ -153,3 +153,30 @@ def test_temperature_divides_the_logits_and_is_saved_with_the_model(tmp_path: Pa
     np.testing.assert_allclose(after, expected / expected.sum(axis=1, keepdims=True), atol=1e-5)
     inference_model(trained).save(tmp_path / "model.keras")
     np.testing.assert_allclose(np.asarray(keras.models.load_model(tmp_path / "model.keras")(batch)), after, atol=1e-6)
+
+
+def test_weights_digest_is_the_same_for_the_same_weights_saved_twice_and_changes_with_any_weight(
+    tmp_path: Path,
+) -> None:
+    """Publish compares this digest with the served version's: a retrain to the same weights is the same model,
+    although each .keras file differs in its bytes (its zip entries carry the save time)."""
+    import time
+
+    import keras
+
+    from common.io import sha256_of_file
+    from components.model import weights_digest
+
+    model = build_model("paper_cnn", num_classes=3, image_size=64)
+    first, second = tmp_path / "first.keras", tmp_path / "second.keras"
+    model.save(first)
+    time.sleep(2.1)  # zip times have a 2-second resolution
+    model.save(second)
+    assert sha256_of_file(first) != sha256_of_file(second)
+    loaded = [keras.saving.load_model(path, compile=False) for path in (first, second)]
+    assert weights_digest(loaded[0]) == weights_digest(loaded[1]) == weights_digest(model)
+
+    changed = loaded[1].get_layer("probabilities").get_layer("logits")
+    kernel, bias = changed.get_weights()
+    changed.set_weights([kernel, bias + np.float32(1e-6)])
+    assert weights_digest(loaded[1]) != weights_digest(model)

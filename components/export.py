@@ -17,7 +17,7 @@ Otherwise writes the candidate folder (`artifacts/export/candidate/`, a DVC outp
     in params.yaml) from their header before anything is decoded: a bigger image fails with INVALID_ARGUMENT
     naming the limit (in the real tensorflow/serving too), and bytes that are not a JPEG/PNG/GIF/BMP as unsupported;
 - `assets.extra/tf_serving_warmup_requests`: PredictionLog records TF Serving replays on load;
-- `model_card.json` (serving.contract.ModelCard less `version`): `weights_sha256` of the Keras model,
+- `model_card.json` (serving.contract.ModelCard less `version`): `weights_sha256` (a digest of the weight values),
   `evaluation` (evaluate.json as the gate judged it), `not_sure_threshold`, `max_pixels`, the gate's reasons, params.
 
 Undecodable bytes fail the request (INVALID_ARGUMENT), never a confident answer. The card holds no

@@ -77,7 +77,7 @@ class ModelCard:
     not_sure_threshold: float
     max_pixels: int
     top_k: int
-    weights_sha256: str  # the Keras model the version was exported from: equal hashes mean the same model
+    weights_sha256: str  # digest of the weight values exported (components.model.weights_digest): equal = same model
     evaluation: dict[str, Any]  # the evaluate metrics (accuracy, macro_f1, ...) the gate judged
 
     @classmethod

@@ -24,7 +24,7 @@ from recommender.app import Settings, create_app
 from tests.conftest import REPO_ROOT
 from tests.fixtures.catalog import write_catalog, write_params
 from tests.fixtures.knowledge_base import serve_app
-from tests.fixtures.model_server import TinyModel, start_model_server, wait_for_versions
+from tests.fixtures.model_server import TinyModel, start_model_server_process, wait_for_versions
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -108,7 +108,8 @@ def test_no_request_fails_across_a_canary_publish_promote_and_rollback(tiny_mode
     ]  # fmt: skip
     assert build_kb.main(kb_args) == 0
 
-    with start_model_server(
+    # `python -m serving.server` itself, as `make serve` runs it: the rollout's timing is the real process's.
+    with start_model_server_process(
         tmp_path / "server", f"--model_config_file={config}", "--model_config_file_poll_wait_seconds=0.2",
         "--file_system_poll_wait_seconds=0.2", "--enable_batching",
         f"--batching_parameters_file={REPO_ROOT / 'serving' / 'batching.config'}",

@@ -60,7 +60,7 @@ def serve_tiny_model(tiny_model: TinyModel, root: Path) -> Iterator[ServedModel]
         f"--batching_parameters_file={REPO_ROOT / 'serving' / 'batching.config'}",
     ) as server:
         wait_for_versions(server.grpc_address, MODEL_NAME, {int(version.name): "AVAILABLE"})
-        yield ServedModel(server.grpc_address, server.rest_url, server.process.pid, tiny_model)
+        yield ServedModel(server.grpc_address, server.rest_url, server.pid, tiny_model)
 
 
 @pytest.fixture(scope="module")

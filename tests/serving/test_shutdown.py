@@ -37,7 +37,12 @@ import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from common.io import read_json
-from tests.fixtures.model_server import DOUBLING_MODEL_NAME, ServerZygote, export_doubling_model, start_model_server
+from tests.fixtures.model_server import (
+    DOUBLING_MODEL_NAME,
+    ServerZygote,
+    export_doubling_model,
+    start_model_server_process,
+)
 
 RUNS = 20
 GRACE_S = 5.0  # the server's --shutdown_grace_seconds here: short, but ten times what the drain needs
@@ -274,7 +279,7 @@ def test_repeated_signals_while_draining_are_harmless(slow_model: Path, tmp_path
         f"--model_name={DOUBLING_MODEL_NAME}", f"--model_base_path={slow_model}", "--enable_batching",
         f"--shutdown_grace_seconds={GRACE_S}",
     ]  # fmt: skip
-    with start_model_server(tmp_path / "server", *args) as server:
+    with start_model_server_process(tmp_path / "server", *args) as server:
         traffic = Traffic(server.grpc_address, server.rest_url)
         try:
             traffic.wait_until_in_flight(count=3)

@@ -185,10 +185,16 @@ def saved_model(separable_model, tmp_path_factory: pytest.TempPathFactory) -> Pa
     return path
 
 
+@pytest.fixture(scope="module")
+def cli_outputs(saved_model: Path, synthetic_data: SyntheticData, tmp_path_factory: pytest.TempPathFactory):
+    """What one CLI run on the synthetic splits wrote (the tests below read different files of it)."""
+    return run_cli(saved_model, synthetic_data.splits, synthetic_data.images, tmp_path_factory.mktemp("evaluate_cli"))
+
+
 def test_cli_writes_metrics_confusion_matrix_and_risk_coverage(
-    saved_model: Path, separable_model, synthetic_data: SyntheticData, tmp_path: Path
+    cli_outputs: dict[str, Path], separable_model, synthetic_data: SyntheticData
 ) -> None:
-    paths = run_cli(saved_model, synthetic_data.splits, synthetic_data.images, tmp_path)
+    paths = cli_outputs
     written = json.loads(paths["report"].read_text())
     test_rows = pd.read_csv(synthetic_data.splits / "test.csv")
     assert written["split"] == "test" and written["images"] == len(test_rows)
@@ -260,11 +266,11 @@ def test_cli_reports_original_labels_when_test_original_exists(
 
 
 def test_cli_metrics_are_the_headline_scalars_and_per_class_figures_go_to_report_and_plot(
-    saved_model: Path, synthetic_data: SyntheticData, tmp_path: Path
+    cli_outputs: dict[str, Path], synthetic_data: SyntheticData
 ) -> None:
     """`dvc metrics show` / `dvc exp show` print metrics/evaluate.json as columns in key order: a handful of
     scalars, accuracy and macro F1 first; the per-class table is in the report and the bar-plot CSV."""
-    paths = run_cli(saved_model, synthetic_data.splits, synthetic_data.images, tmp_path)
+    paths = cli_outputs
     metrics = json.loads(paths["metrics"].read_text())
     report = json.loads(paths["report"].read_text())
     assert list(metrics)[:2] == ["accuracy", "macro_f1"]

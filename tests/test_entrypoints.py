@@ -2,8 +2,8 @@
 
 The commands come from docker-compose*.yml (entrypoint, command, healthcheck), every Dockerfile (ENTRYPOINT, CMD
 and the modules its org.productlens.entrypoints label lists) and every Kubernetes/KServe manifest under
-serving/k8s/ and pipelines/k8s/ (containers and their exec probes; a KServe TensorFlow predictor runs
-tensorflow_model_server). On the project's image a command is `python -m <module>` or `uvicorn <module>:<attr>`:
+serving/k8s/, pipelines/k8s/ and recommender/k8s/ (containers and their exec probes; a KServe TensorFlow predictor
+runs tensorflow_model_server). On the project's image a command is `python -m <module>` or `uvicorn <module>:<attr>`:
 the module must be this project's and runnable with `python -m`, its flags must parse where it has `parse_args`,
 and uvicorn's attribute must be an ASGI app (with --factory: a callable that builds one). On a third-party image
 the command must be one of that image's own programs (THIRD_PARTY_PROGRAMS); tensorflow_model_server's flags are
@@ -31,7 +31,7 @@ from pipelines.training_pipeline import DEFAULT_IMAGE_REPOSITORY
 from tests.conftest import REPO_ROOT
 
 PROJECT_IMAGE = "the project image"
-MANIFEST_FOLDERS = (REPO_ROOT / "serving" / "k8s", REPO_ROOT / "pipelines" / "k8s")
+MANIFEST_FOLDERS = (REPO_ROOT / "serving" / "k8s", REPO_ROOT / "pipelines" / "k8s", REPO_ROOT / "recommender" / "k8s")
 # Programs a third-party image ships, by image repository: a command on such an image must be one of them.
 THIRD_PARTY_PROGRAMS = {
     "tensorflow/serving": {"tensorflow_model_server", "bash"},  # bash: compose's port healthcheck
@@ -259,7 +259,12 @@ COMMANDS = all_commands()
 
 def test_the_commands_of_compose_the_dockerfile_and_the_manifests_are_all_found():
     places = {command.where.split(":")[0] for command in COMMANDS}
-    assert {"docker-compose.yml", "components/Dockerfile", "serving/k8s/deployment.yaml"} <= places
+    assert {
+        "docker-compose.yml",
+        "components/Dockerfile",
+        "serving/k8s/deployment.yaml",
+        "recommender/k8s/deployment.yaml",
+    } <= places
     assert any("kserve" in place for place in places)
     recommender = [command for command in COMMANDS if command.where == "docker-compose.yml: services.recommender"]
     assert recommender and recommender[0].image == PROJECT_IMAGE

@@ -12,7 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.model_server import ModelServerHandle, TinyModel, start_model_server, wait_for_versions
+from tests.fixtures.model_server import (
+    ModelServerHandle,
+    TinyModel,
+    start_model_server,
+    tiny_candidate,
+    wait_for_versions,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "serving" / "examples"
@@ -82,19 +88,14 @@ def test_reload_config_script_applies_a_models_config(model_server: ModelServerH
 
 
 def publish_blessed(tiny_model: TinyModel, workdir: Path, not_sure_threshold: float, config: Path) -> None:
-    """Export the tiny model as a candidate, bless it, and publish it with `--models-config` (what make publish
-    runs after dvc repro)."""
+    """Export the tiny model as a candidate (the session's export of it with this threshold), bless it, and
+    publish it with `--models-config` (what make publish runs after dvc repro)."""
     from components import publish
     from components.candidate import identity
-    from components.export import ExportParams, export_candidate
 
+    workdir.mkdir(parents=True, exist_ok=True)
     gate = {"blessed": True, "reasons": ["test fixture"]}
-    candidate = workdir / "candidate"
-    evaluation = {"accuracy": 1.0, "macro_f1": 1.0, "not_sure_threshold": not_sure_threshold}
-    export_candidate(
-        tiny_model.keras_model, tiny_model.class_names, gate, evaluation, candidate, ExportParams(top_k=3),
-        tiny_model.images(),
-    )  # fmt: skip
+    candidate, _ = tiny_candidate(tiny_model, "productlens", not_sure_threshold)
     (workdir / "gate.json").write_text(json.dumps(gate))
     blessing = {"blessed": True, "reasons": ["test fixture"], "candidate": identity(candidate), "checks": []}
     (workdir / "blessing.json").write_text(json.dumps(blessing))

@@ -190,6 +190,11 @@ class Health(Answer):
     model: ModelHealth
 
 
+class Readiness(Answer):
+    status: Literal["ok", "unavailable"]
+    database: DatabaseHealth
+
+
 def problems(statuses: dict[int, str]) -> dict[int | str, dict[str, Any]]:
     """`responses=` for error statuses answered as a Problem, each with when it happens."""
     return {status: {"model": Problem, "description": when} for status, when in statuses.items()}
@@ -435,12 +440,7 @@ health_routes = APIRouter(tags=["health"])
     responses={503: {"model": Health, "description": "the knowledge base or the model server does not answer"}},
 )
 def healthz(settings: SettingsDep, engine: EngineDep, client: ClientDep) -> JSONResponse:
-    status: dict[str, Any] = {}
-    try:
-        with engine.connect() as conn:
-            status["database"] = {"ok": True, "products": kb.count_products(conn)}
-    except SQLAlchemyError as error:
-        status["database"] = {"ok": False, "detail": f"{type(error).__name__}: {str(error).splitlines()[0]}"}
+    status: dict[str, Any] = {"database": database_health(engine)}
     try:
         status["model"] = {
             "ok": True,
@@ -450,3 +450,27 @@ def healthz(settings: SettingsDep, engine: EngineDep, client: ClientDep) -> JSON
         status["model"] = {"ok": False, "target": settings.model_grpc, "detail": str(error)}
     healthy = status["database"]["ok"] and status["model"]["ok"]
     return JSONResponse({"status": "ok" if healthy else "unavailable", **status}, status_code=200 if healthy else 503)
+
+
+@health_routes.get(
+    "/readyz",
+    summary="Whether this replica can answer: its knowledge base answers (the model server is not asked)",
+    response_model=Readiness,
+    responses={503: {"model": Readiness, "description": "the knowledge base does not answer"}},
+)
+def readyz(engine: EngineDep) -> JSONResponse:
+    """A readiness probe: a model-server outage is every replica's, and each answers it with its own 503 naming
+    it (and still serves product search), so it must not take them all out of the Service as /healthz would."""
+    database = database_health(engine)
+    return JSONResponse(
+        {"status": "ok" if database["ok"] else "unavailable", "database": database},
+        status_code=200 if database["ok"] else 503,
+    )
+
+
+def database_health(engine: Any) -> dict[str, Any]:
+    try:
+        with engine.connect() as conn:
+            return {"ok": True, "products": kb.count_products(conn)}
+    except SQLAlchemyError as error:
+        return {"ok": False, "detail": f"{type(error).__name__}: {str(error).splitlines()[0]}"}

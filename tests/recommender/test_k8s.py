@@ -261,17 +261,33 @@ def probe_statuses(url: str) -> dict[str, int]:
 
 
 @pytest.mark.e2e
-def test_readiness_waits_for_the_model_server_and_liveness_does_not(
+def test_without_a_model_server_replicas_stay_ready_and_alive_and_answer_its_outage_themselves(
     monkeypatch: pytest.MonkeyPatch, small_kb: tuple[str, Path], tmp_path: Path
 ) -> None:
-    """With no model server the app is alive (not restarted) but not ready (out of the Service)."""
+    """A model-server outage is every replica's: readiness must not take them all out of the Service (users would
+    get connection errors, not the app's 503 that names the outage, and product search would stop too)."""
     db_url, params = small_kb
     settings = settings_from_manifest(
         monkeypatch, db_url=db_url, params_path=params, feedback_dir=tmp_path, model_grpc=f"127.0.0.1:{free_port()}"
     )
-    assert container()["readinessProbe"]["timeoutSeconds"] > HEALTH_TIMEOUT_S
     with serve_app(create_app(settings)) as url:
-        assert probe_statuses(url) == {"startupProbe": 200, "readinessProbe": 503, "livenessProbe": 200}
+        assert probe_statuses(url) == {"startupProbe": 200, "readinessProbe": 200, "livenessProbe": 200}
+        assert requests.get(f"{url}/healthz", timeout=HEALTH_TIMEOUT_S + 3).status_code == 503
+        assert requests.get(f"{url}/v1/products", timeout=10).status_code == 200
+
+
+@pytest.mark.e2e
+def test_a_replica_whose_knowledge_base_does_not_answer_is_not_ready(
+    monkeypatch: pytest.MonkeyPatch, small_kb: tuple[str, Path], tmp_path: Path
+) -> None:
+    _, params = small_kb
+    missing = f"sqlite:///{tmp_path / 'no-such-folder' / 'productlens.db'}"
+    settings = settings_from_manifest(
+        monkeypatch, db_url=missing, params_path=params, feedback_dir=tmp_path, model_grpc=f"127.0.0.1:{free_port()}"
+    )
+    with serve_app(create_app(settings)) as url:
+        statuses = probe_statuses(url)
+    assert statuses == {"startupProbe": 200, "readinessProbe": 503, "livenessProbe": 200}
 
 
 @pytest.mark.e2e

@@ -79,12 +79,14 @@ def test_the_spec_declares_the_error_shape_the_app_returns_not_fastapis_default(
         ("/v1/products/{product_id}", "get"): {200, 404, 422, 503},
         ("/v1/products", "get"): {200, 404, 422, 503},
         ("/healthz", "get"): {200, 503},
+        ("/readyz", "get"): {200, 503},
     }
     for (path, method), statuses in declared.items():
         success = min(statuses)  # 200, or 201 where the route records something
         assert declared_schema(spec, path, method, success) != {}, f"{path}: no schema for its {success} answer"
         for status in statuses - {success}:
-            expected = {"$ref": "#/components/schemas/Health"} if path == "/healthz" else PROBLEM
+            own = {"/healthz": "Health", "/readyz": "Readiness"}  # a probe's answer has the same shape either way
+            expected = {"$ref": f"#/components/schemas/{own[path]}"} if path in own else PROBLEM
             assert declared_schema(spec, path, method, status) == expected
 
 
@@ -126,6 +128,7 @@ def test_product_and_health_answers_match_the_spec(api: str, spec: dict[str, Any
     assert_matches_spec(spec, requests.get(f"{api}/v1/products/99999999", timeout=10), "/v1/products/{product_id}", 404)
     assert_matches_spec(spec, requests.get(f"{api}/v1/products/mouse", timeout=10), "/v1/products/{product_id}", 422)
     assert_matches_spec(spec, requests.get(f"{api}/healthz", timeout=10), "/healthz", 200)
+    assert_matches_spec(spec, requests.get(f"{api}/readyz", timeout=10), "/readyz", 200)
 
 
 def test_answers_with_the_model_server_down_match_the_spec(
@@ -135,7 +138,9 @@ def test_answers_with_the_model_server_down_match_the_spec(
     with serve_app(create_app(settings_for(real_kb, down, model_timeout_s=1.0))) as url:
         recommendation = upload(url, model_server.sample_images["mouse"][0])
         health = requests.get(f"{url}/healthz", timeout=10)
+        ready = requests.get(f"{url}/readyz", timeout=10)
     assert_matches_spec(spec, recommendation, "/v1/recommendations", 503)
+    assert_matches_spec(spec, ready, "/readyz", 200)  # the outage is answered by each replica, not a reason to leave
     assert down in recommendation.json()["detail"]
     assert_matches_spec(spec, health, "/healthz", 503)
     assert health.json()["model"]["ok"] is False

@@ -231,8 +231,8 @@ class RankingCache:
         self.max_entries = max_entries
         self.generation = 0  # +1 at each clear: rows read before a rebuild are not put back after it
         self._rows: OrderedDict[tuple[str, Preferences], list[ProductRow]] = OrderedDict()
-        # product id -> (the row, its to_dict()): asdict and readable specs, made once per row object
-        self._json: dict[int, tuple[ProductRow, dict[str, Any]]] = {}
+        # product id -> (the row, its to_dict() once an answer asked for it: asdict and readable specs)
+        self._json: dict[int, tuple[ProductRow, dict[str, Any] | None]] = {}
         self._lock = threading.Lock()
 
     def contains(self, category: str, preferences: Preferences) -> bool:
@@ -262,12 +262,7 @@ class RankingCache:
         missing = [i for i in ids if i not in held]
         if missing:
             fetched = fetch(missing)
-            made = {i: (row, row.to_dict()) for i, row in fetched.items()}
-            with self._lock:
-                if generation == self.generation:  # not rows of a build replaced while they were read
-                    if len(self._json) + len(made) > self.max_entries * 10:
-                        self._json.clear()
-                    self._json.update(made)
+            self._keep({i: (row, None) for i, row in fetched.items()}, generation)
             held.update(fetched)
         return [held[i] for i in ids if i in held]
 
@@ -275,14 +270,21 @@ class RankingCache:
         """`row.to_dict()`, made once per row (the cached rankings hand out the same row objects; answers only read
         it). Checked by identity, so a row of another build with the same id never gets this one's JSON."""
         entry = self._json.get(row.id)
-        if entry is not None and entry[0] is row:
+        if entry is not None and entry[0] is row and entry[1] is not None:
             return entry[1]
         made = row.to_dict()
-        with self._lock:
-            if len(self._json) >= self.max_entries * 10:
-                self._json.clear()
-            self._json[row.id] = (row, made)
+        self._keep({row.id: (row, made)}, self.generation)
         return made
+
+    def _keep(self, entries: dict[int, tuple[ProductRow, dict[str, Any] | None]], generation: int) -> None:
+        """Remember products (dropping them all past 10 x `max_entries`), unless the KB was rebuilt since
+        `generation` (they would be rows of the replaced build)."""
+        with self._lock:
+            if generation != self.generation:
+                return
+            if len(self._json) + len(entries) > self.max_entries * 10:
+                self._json.clear()
+            self._json.update(entries)
 
     def clear(self) -> None:
         with self._lock:
